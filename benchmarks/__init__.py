@@ -1,0 +1,1 @@
+"""keystate benchmarks: each script takes --quick and --json (DESIGN.md section 8)."""

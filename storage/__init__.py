@@ -1,0 +1,137 @@
+"""keystate storage: checkpoint format, state files, and checkpoint storage on local disk, S3 and memory.
+
+Start with :func:`open_storage`::
+
+    storage = open_storage("s3://bucket/checkpoints")        # or "/var/ckpt", "file:///var/ckpt"
+    writer = storage.begin_checkpoint(job_id, 1)
+    with writer.open_stream("orders/0/keyed") as stream:
+        stream.write(b"...")
+        handle = stream.close()
+    completed = writer.commit(metadata)                       # _metadata last, create-only
+"""
+
+from storage._local import LocalObjectStore
+from storage._memory import MemoryObjectStore
+from storage._s3 import S3ObjectStore, make_s3_client
+from storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode
+from storage.checkpoints import (
+    METADATA_FILE,
+    CheckpointPointer,
+    CheckpointStorage,
+    CheckpointWriter,
+    CompletedCheckpoint,
+)
+from storage.errors import (
+    AlreadyExistsError,
+    BucketNotFoundError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CommitConflictError,
+    CommitFailedError,
+    CommitOutcomeUnknownError,
+    CredentialsError,
+    FormatError,
+    InvalidURIError,
+    KeystateError,
+    MetadataError,
+    NotFoundError,
+    StateFileError,
+    StorageAccessDeniedError,
+    StorageError,
+    StorageUnavailableError,
+    TopologyError,
+    UnsafePathError,
+    UnsupportedFormatVersionError,
+)
+from storage.keygroups import (
+    KeyGroupRange,
+    default_max_parallelism,
+    key_group_range_for_subtask,
+    operator_index_for_key_group,
+)
+from storage.metadata import (
+    CheckpointKind,
+    CheckpointMetadata,
+    CheckpointProperties,
+    DistributionMode,
+    HandleScope,
+    KeyedStateHandle,
+    OperatorState,
+    OperatorStateEntry,
+    OperatorStateHandle,
+    OperatorStatus,
+    StreamHandle,
+    SubtaskState,
+)
+from storage.retention import CompletedCheckpointStore
+from storage.statefile import Compression, StateFileReader, StateFileWriter
+from storage.streams import StateOutputStream, StreamOptions
+from storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from storage.uri import Location, open_storage, open_store, parse_location
+
+__all__ = [
+    "METADATA_FILE",
+    "AlreadyExistsError",
+    "BucketNotFoundError",
+    "CheckpointKind",
+    "CheckpointMetadata",
+    "CheckpointNotFoundError",
+    "CheckpointPointer",
+    "CheckpointProperties",
+    "CheckpointStorage",
+    "CheckpointWriter",
+    "ChecksumMismatchError",
+    "CommitConflictError",
+    "CommitFailedError",
+    "CommitOutcomeUnknownError",
+    "CompletedCheckpoint",
+    "CompletedCheckpointStore",
+    "Compression",
+    "CredentialsError",
+    "DistributionMode",
+    "FormatError",
+    "HandleScope",
+    "InputEdge",
+    "InvalidURIError",
+    "KeyGroupRange",
+    "KeyedStateHandle",
+    "KeystateError",
+    "LocalObjectStore",
+    "Location",
+    "MemoryObjectStore",
+    "MetadataError",
+    "NotFoundError",
+    "ObjectInfo",
+    "ObjectReader",
+    "ObjectStore",
+    "ObjectWriter",
+    "OperatorState",
+    "OperatorStateEntry",
+    "OperatorStateHandle",
+    "OperatorStatus",
+    "Partitioning",
+    "PutMode",
+    "S3ObjectStore",
+    "StateFileError",
+    "StateFileReader",
+    "StateFileWriter",
+    "StateOutputStream",
+    "StorageAccessDeniedError",
+    "StorageError",
+    "StorageUnavailableError",
+    "StreamHandle",
+    "StreamOptions",
+    "SubtaskState",
+    "Topology",
+    "TopologyError",
+    "TopologyOperator",
+    "UnsafePathError",
+    "UnsupportedFormatVersionError",
+    "default_max_parallelism",
+    "key_group_range_for_subtask",
+    "make_s3_client",
+    "open_storage",
+    "open_store",
+    "operator_index_for_key_group",
+    "parse_location",
+]

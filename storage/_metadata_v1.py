@@ -1,0 +1,257 @@
+"""``_metadata`` format version 1: JSON serialization and field-by-field parsing.
+
+``load_metadata`` pops ``format_version`` and dispatches to that version's parser; a later version
+adds a ``_parse_v2`` beside ``_parse_v1`` and an entry in ``_PARSERS`` rather than editing this one.
+Every field has one small parser whose error names the file and the JSON path of the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from storage.errors import MetadataError, UnsupportedFormatVersionError
+from storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
+from storage.metadata import (
+    CHECKSUM_PATTERN,
+    JOB_ID_PATTERN,
+    CheckpointKind,
+    CheckpointMetadata,
+    CheckpointProperties,
+    DistributionMode,
+    HandleScope,
+    KeyedStateHandle,
+    OperatorState,
+    OperatorStateEntry,
+    OperatorStateHandle,
+    StreamHandle,
+    SubtaskState,
+)
+from storage.statefile import Compression
+from storage.topology import UID_PATTERN, parse_input_edge
+from storage.validation import (
+    check_keys,
+    loads_strict,
+    req_bool,
+    req_int,
+    req_list,
+    req_obj,
+    req_str,
+    safe_relative_path,
+)
+
+__all__ = ["SUPPORTED_VERSIONS", "dump_v1", "load_metadata"]
+
+SUPPORTED_VERSIONS = (1,)
+T = TypeVar("T")
+
+
+def _build(where: str, make: Callable[[], T]) -> T:
+    """Construct a model object; its invariant errors get the file/field context prefixed."""
+    try:
+        return make()
+    except MetadataError as exc:
+        raise type(exc)(f"{where}: {exc}") from exc
+
+
+# --- serialization -----------------------------------------------------------------------------------
+
+
+def _stream_to_json(h: StreamHandle) -> dict[str, Any]:
+    d: dict[str, Any] = {"scope": h.scope.value}
+    if h.scope is HandleScope.INLINE:
+        assert h.data is not None
+        d["data"] = base64.b64encode(h.data).decode("ascii")
+    else:
+        d["path"] = h.path
+    d.update(size=h.size, raw_size=h.raw_size, checksum=h.checksum, compression=h.compression.value)
+    return d
+
+
+def _subtask_to_json(st: SubtaskState) -> dict[str, Any]:
+    if st.finished:
+        return {"index": st.index, "finished": True}
+    return {
+        "index": st.index,
+        "keyed": [
+            {"key_groups": [k.key_groups.start, k.key_groups.end], "offsets": list(k.offsets),
+             "stream": _stream_to_json(k.stream)}
+            for k in st.keyed
+        ],
+        "operator": [
+            {"states": [{"name": e.name, "mode": e.mode.value, "offsets": list(e.offsets),
+                         "serializer": e.serializer} for e in o.states],
+             "stream": _stream_to_json(o.stream)}
+            for o in st.operator
+        ],
+    }  # fmt: skip
+
+
+def dump_v1(m: CheckpointMetadata) -> bytes:
+    """Serialize metadata as compact, deterministic UTF-8 JSON with a trailing newline."""
+    doc = {
+        "format_version": 1,
+        "checkpoint_id": m.checkpoint_id,
+        "job_id": m.job_id,
+        "kind": m.kind.value,
+        "timestamp": m.timestamp,
+        "properties": {"synchronous": m.properties.synchronous, "drain": m.properties.drain},
+        "operators": [
+            {
+                "uid": op.uid,
+                "parallelism": op.parallelism,
+                "max_parallelism": op.max_parallelism,
+                "inputs": [e.to_dict() for e in op.inputs],
+                "fully_finished": op.fully_finished,
+                "subtasks": [_subtask_to_json(st) for st in op.subtasks],
+            }
+            for op in m.operators
+        ],
+    }
+    return (json.dumps(doc, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# --- parsing -----------------------------------------------------------------------------------------
+
+
+def load_metadata(data: bytes, where: str) -> CheckpointMetadata:
+    doc = loads_strict(data, where)
+    if not isinstance(doc, dict):
+        raise MetadataError(f"{where}: checkpoint metadata must be a JSON object, found {type(doc).__name__}")
+    if "format_version" not in doc:
+        raise MetadataError(f"{where}: required field 'format_version' is missing; this is not keystate metadata")
+    version = doc.pop("format_version")
+    parser = _PARSERS.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
+    if parser is None:
+        raise UnsupportedFormatVersionError("checkpoint metadata", version, SUPPORTED_VERSIONS, where)
+    return parser(doc, where)
+
+
+def _parse_int_list(raw: object, where: str, field: str, max_len: int) -> tuple[int, ...]:
+    if not isinstance(raw, list):
+        raise MetadataError(f"{where}: field '{field}' must be an array of integers")
+    if len(raw) > max_len:
+        raise MetadataError(f"{where}: field '{field}' has {len(raw)} entries, more than {max_len}")
+    for i, v in enumerate(raw):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < (1 << 63):
+            raise MetadataError(f"{where}: field '{field}[{i}]' must be a non-negative integer, found {v!r}")
+    return tuple(raw)
+
+
+def _parse_stream(raw: object, where: str) -> StreamHandle:
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{where}: a stream handle must be an object")
+    scope = HandleScope(req_str(raw, "scope", where, choices=[s.value for s in HandleScope]))
+    common = ("scope", "size", "raw_size", "checksum", "compression")
+    check_keys(raw, where, (*common, "data" if scope is HandleScope.INLINE else "path"))
+    size = req_int(raw, "size", where)
+    raw_size = req_int(raw, "raw_size", where)
+    checksum = req_str(raw, "checksum", where, pattern=CHECKSUM_PATTERN)
+    compression = Compression(req_str(raw, "compression", where, choices=[c.value for c in Compression]))
+    if scope is HandleScope.INLINE:
+        text = req_str(raw, "data", where, max_len=1 << 30)
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise MetadataError(f"{where}: field 'data' is not valid base64 ({exc})") from exc
+        return _build(where, lambda: StreamHandle(scope, size, raw_size, checksum, compression, data=data))
+    path = safe_relative_path(raw.get("path"), where)
+    return _build(where, lambda: StreamHandle(scope, size, raw_size, checksum, compression, path=path))
+
+
+def _parse_keyed(raw: object, where: str) -> KeyedStateHandle:
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{where}: a keyed handle must be an object")
+    check_keys(raw, where, ("key_groups", "offsets", "stream"))
+    bounds = raw["key_groups"]
+    if (
+        not isinstance(bounds, list)
+        or len(bounds) != 2
+        or any(
+            isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < UPPER_BOUND_MAX_PARALLELISM for b in bounds
+        )
+        or bounds[0] > bounds[1]
+    ):
+        raise MetadataError(
+            f"{where}: field 'key_groups' must be [start, end] with 0 <= start <= end < "
+            f"{UPPER_BOUND_MAX_PARALLELISM}, found {bounds!r}"[:300]
+        )
+    offsets = _parse_int_list(raw["offsets"], where, "offsets", UPPER_BOUND_MAX_PARALLELISM)
+    stream = _parse_stream(raw["stream"], f"{where}.stream")
+    return _build(where, lambda: KeyedStateHandle(KeyGroupRange(bounds[0], bounds[1]), offsets, stream))
+
+
+def _parse_operator_handle(raw: object, where: str) -> OperatorStateHandle:
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{where}: an operator state handle must be an object")
+    check_keys(raw, where, ("states", "stream"))
+    entries: list[OperatorStateEntry] = []
+    for i, e in enumerate(req_list(raw, "states", where)):
+        w = f"{where}.states[{i}]"
+        if not isinstance(e, dict):
+            raise MetadataError(f"{w}: an operator state entry must be an object")
+        check_keys(e, w, ("name", "mode", "offsets", "serializer"))
+        name = req_str(e, "name", w, max_len=1024)
+        mode = DistributionMode(req_str(e, "mode", w, choices=[m.value for m in DistributionMode]))
+        offsets = _parse_int_list(e["offsets"], w, "offsets", 1 << 24)
+        serializer = req_str(e, "serializer", w, max_len=256)
+        entries.append(_build(w, lambda: OperatorStateEntry(name, mode, offsets, serializer)))  # noqa: B023
+    stream = _parse_stream(raw["stream"], f"{where}.stream")
+    return _build(where, lambda: OperatorStateHandle(tuple(entries), stream))
+
+
+def _parse_subtask(raw: object, where: str) -> SubtaskState:
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{where}: a subtask entry must be an object")
+    index = req_int(raw, "index", where, max_value=UPPER_BOUND_MAX_PARALLELISM - 1)
+    if "finished" in raw:
+        check_keys(raw, where, ("index", "finished"))
+        if req_bool(raw, "finished", where) is not True:
+            raise MetadataError(f"{where}: field 'finished' may only be true (omit it for a running subtask)")
+        return SubtaskState(index, finished=True)
+    check_keys(raw, where, ("index", "keyed", "operator"))
+    keyed = tuple(_parse_keyed(k, f"{where}.keyed[{i}]") for i, k in enumerate(req_list(raw, "keyed", where)))
+    ops = tuple(
+        _parse_operator_handle(o, f"{where}.operator[{i}]") for i, o in enumerate(req_list(raw, "operator", where))
+    )
+    return _build(where, lambda: SubtaskState(index, keyed=keyed, operator=ops))
+
+
+def _parse_operator(raw: object, where: str) -> OperatorState:
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{where}: an operator entry must be an object")
+    check_keys(raw, where, ("uid", "parallelism", "max_parallelism", "inputs", "fully_finished", "subtasks"))
+    uid = req_str(raw, "uid", where, pattern=UID_PATTERN)
+    parallelism = req_int(raw, "parallelism", where, min_value=1, max_value=UPPER_BOUND_MAX_PARALLELISM)
+    max_p = req_int(raw, "max_parallelism", where, min_value=1, max_value=UPPER_BOUND_MAX_PARALLELISM)
+    inputs = tuple(
+        parse_input_edge(e, f"{where}.inputs[{i}]", MetadataError) for i, e in enumerate(req_list(raw, "inputs", where))
+    )
+    fully_finished = req_bool(raw, "fully_finished", where)
+    subtasks = tuple(
+        _parse_subtask(s, f"{where}.subtasks[{i}]") for i, s in enumerate(req_list(raw, "subtasks", where))
+    )
+    return _build(where, lambda: OperatorState(uid, parallelism, max_p, inputs, fully_finished, subtasks))
+
+
+def _parse_v1(doc: dict[str, Any], where: str) -> CheckpointMetadata:
+    check_keys(doc, where, ("checkpoint_id", "job_id", "kind", "timestamp", "properties", "operators"))
+    checkpoint_id = req_int(doc, "checkpoint_id", where)
+    job_id = req_str(doc, "job_id", where, pattern=JOB_ID_PATTERN)
+    kind = CheckpointKind(req_str(doc, "kind", where, choices=[k.value for k in CheckpointKind]))
+    timestamp = req_int(doc, "timestamp", where)
+    props_raw = req_obj(doc, "properties", where)
+    check_keys(props_raw, f"{where}: properties", ("synchronous", "drain"))
+    synchronous = req_bool(props_raw, "synchronous", f"{where}: properties")
+    drain = req_bool(props_raw, "drain", f"{where}: properties")
+    properties = _build(where, lambda: CheckpointProperties(synchronous, drain))
+    operators = tuple(
+        _parse_operator(o, f"{where}: operators[{i}]") for i, o in enumerate(req_list(doc, "operators", where))
+    )
+    return _build(where, lambda: CheckpointMetadata(checkpoint_id, job_id, kind, timestamp, operators, properties))
+
+
+_PARSERS: dict[int, Callable[[dict[str, Any], str], CheckpointMetadata]] = {1: _parse_v1}

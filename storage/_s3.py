@@ -1,0 +1,440 @@
+"""Object store on S3 (or any S3-compatible endpoint), through boto3 only.
+
+* Create-only writes use ``put_object(IfNoneMatch="*")`` and, for large objects,
+  ``complete_multipart_upload(IfNoneMatch="*")``; HTTP 412 becomes ``AlreadyExistsError``.
+* Streams larger than one part are uploaded as multipart uploads, several parts in flight at once;
+  nothing is visible until the upload completes, and an aborted writer aborts the upload.
+* Throttling (503 SlowDown), 5xx and connection errors are retried by botocore's ``standard`` retry
+  mode with exponential backoff and jitter (``max_attempts`` in total). What is left after the retries
+  is mapped onto the keystate error tree with a message that says what to do.
+* The endpoint comes from ``endpoint_url`` if given, else from boto3's own configuration, which
+  honours ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NoReturn
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode, join_key, validate_key
+from storage.errors import (
+    AlreadyExistsError,
+    BucketNotFoundError,
+    CredentialsError,
+    NotFoundError,
+    StorageAccessDeniedError,
+    StorageError,
+    StorageUnavailableError,
+)
+
+__all__ = ["S3ObjectStore", "make_s3_client"]
+
+MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
+DEFAULT_PART_SIZE = 8 * 1024 * 1024
+MAX_PARTS = 10_000
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+_DENIED = {
+    "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken",
+}  # fmt: skip
+_UNAVAILABLE = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
+    "InternalError", "503", "500", "502", "504",
+}  # fmt: skip
+
+
+def make_s3_client(
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    max_attempts: int = 10,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 60.0,
+) -> Any:
+    """Create a boto3 S3 client configured for checkpoint traffic.
+
+    Args:
+        endpoint_url: overrides the endpoint (else boto3's configuration and ``AWS_ENDPOINT_URL``).
+        region: the region; ``None`` uses boto3's configuration.
+        max_attempts: total attempts per request, including retries of throttling, 5xx and
+            connection errors (botocore ``standard`` retry mode: exponential backoff with jitter).
+        connect_timeout: seconds to wait for a connection.
+        read_timeout: seconds to wait for a response.
+    """
+    config = botocore.config.Config(
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_pool_connections=32,
+    )
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
+
+
+class S3ObjectStore(ObjectStore):
+    """Objects under ``s3://bucket/prefix``.
+
+    Args:
+        bucket: the bucket name.
+        prefix: the key prefix the store is rooted at (no leading or trailing ``/``).
+        client: a boto3 S3 client; by default one from :func:`make_s3_client`.
+        endpoint_url: passed to :func:`make_s3_client` when ``client`` is not given.
+        part_size: multipart part size in bytes (at least 5 MiB).
+        upload_concurrency: parts of one stream uploaded at once.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: Any = None,
+        endpoint_url: str | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        upload_concurrency: int = 4,
+    ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size {part_size} is below S3's minimum of {MIN_PART_SIZE} bytes")
+        self._bucket = bucket
+        self._prefix = prefix.strip("/")
+        if self._prefix:
+            validate_key(self._prefix)
+        self._client = client if client is not None else make_s3_client(endpoint_url=endpoint_url)
+        self._part_size = part_size
+        self._concurrency = max(1, upload_concurrency)
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"S3ObjectStore({self.describe()!r})"
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    def describe(self, key: str = "") -> str:
+        return f"s3://{self._bucket}/{join_key(self._prefix, key)}"
+
+    def _key(self, key: str) -> str:
+        return join_key(self._prefix, validate_key(key))
+
+    def _dir(self, prefix: str) -> str:
+        full = join_key(self._prefix, validate_key(prefix) if prefix else "")
+        return f"{full}/" if full else ""
+
+    def executor(self) -> ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self._concurrency * 4, thread_name_prefix="keystate-s3")
+            return self._executor
+
+    def close(self) -> None:
+        """Stop the upload threads (the store stays usable; they restart on demand)."""
+        with self._executor_lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def fail(self, exc: Exception, action: str, key: str) -> NoReturn:
+        """Translate a boto3/botocore exception into the keystate error tree (always raises)."""
+        where = self.describe(key)
+        if isinstance(exc, botocore.exceptions.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            message = err.get("Message") or code
+            if code == "NoSuchBucket":
+                raise BucketNotFoundError(
+                    f"cannot {action} {where}: bucket {self._bucket!r} does not exist; create it or fix the URI"
+                ) from exc
+            if code in _NOT_FOUND or status == 404:
+                raise NotFoundError(f"cannot {action} {where}: no such object") from exc
+            if code in _DENIED or status == 403:
+                raise StorageAccessDeniedError(
+                    f"cannot {action} {where}: access denied ({code}); check the credentials and the "
+                    f"bucket policy for s3:{action.split()[0]} permission"
+                ) from exc
+            if code == "PreconditionFailed" or status == 412:
+                raise AlreadyExistsError(f"{where} already exists; a create-only write never replaces it") from exc
+            if code in _UNAVAILABLE or status >= 500:
+                raise StorageUnavailableError(
+                    f"cannot {action} {where}: S3 kept failing with {code} after retries; try again later"
+                ) from exc
+            raise StorageError(f"cannot {action} {where}: {code}: {message}") from exc
+        if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+            raise CredentialsError(
+                f"cannot {action} {where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role"
+            ) from exc
+        if isinstance(
+            exc,
+            botocore.exceptions.EndpointConnectionError
+            | botocore.exceptions.ConnectionError
+            | botocore.exceptions.ConnectionClosedError
+            | botocore.exceptions.ReadTimeoutError
+            | botocore.exceptions.ConnectTimeoutError,
+        ):
+            raise StorageUnavailableError(
+                f"cannot {action} {where}: S3 endpoint unreachable ({exc}); check the endpoint URL and network"
+            ) from exc
+        raise StorageError(f"cannot {action} {where}: {exc}") from exc
+
+    # --- reads ---------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes:
+        try:
+            body = self._client.get_object(Bucket=self._bucket, Key=self._key(key))["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self.fail(exc, "read", key)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            self.size(key)  # still report a missing object
+            return b""
+        try:
+            resp = self._client.get_object(
+                Bucket=self._bucket, Key=self._key(key), Range=f"bytes={start}-{start + length - 1}"
+            )
+            return bytes(resp["Body"].read())
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""
+            self.fail(exc, "read", key)
+        except botocore.exceptions.BotoCoreError as exc:
+            self.fail(exc, "read", key)
+
+    def open_reader(self, key: str, start: int = 0) -> ObjectReader:
+        kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key(key)}
+        if start:
+            kwargs["Range"] = f"bytes={start}-"
+        try:
+            body: ObjectReader = self._client.get_object(**kwargs)["Body"]
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                import io
+
+                return io.BytesIO(b"")
+            self.fail(exc, "read", key)
+        except botocore.exceptions.BotoCoreError as exc:
+            self.fail(exc, "read", key)
+        return body
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self._client.head_object(Bucket=self._bucket, Key=self._key(key))["ContentLength"])
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self.fail(exc, "stat", key)
+
+    def check_bucket(self) -> None:
+        """Raise a clear error if the bucket is missing, unreachable or not accessible."""
+        try:
+            self._client.head_bucket(Bucket=self._bucket)
+        except botocore.exceptions.ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status == 404:
+                raise BucketNotFoundError(
+                    f"bucket {self._bucket!r} does not exist ({self.describe()}); create it or fix the URI"
+                ) from exc
+            self.fail(exc, "access", "")
+        except botocore.exceptions.BotoCoreError as exc:
+            self.fail(exc, "access", "")
+
+    # --- writes --------------------------------------------------------------------------------------
+
+    def put(self, key: str, data: bytes, mode: PutMode = PutMode.OVERWRITE) -> None:
+        kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key(key), "Body": data}
+        if mode is PutMode.CREATE:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self._client.put_object(**kwargs)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self.fail(exc, "write", key)
+
+    def open_writer(self, key: str, mode: PutMode = PutMode.OVERWRITE) -> ObjectWriter:
+        validate_key(key)
+        return _S3Writer(self, key, mode, self._part_size, self._concurrency)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self._bucket, Key=self._key(key))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            try:
+                self.fail(exc, "delete", key)
+            except NotFoundError:
+                return
+
+    def delete_many(self, keys: Any) -> None:
+        batch: list[dict[str, str]] = []
+        for key in keys:
+            batch.append({"Key": self._key(key)})
+            if len(batch) == 1000:
+                self._delete_batch(batch)
+                batch = []
+        if batch:
+            self._delete_batch(batch)
+
+    def _delete_batch(self, batch: list[dict[str, str]]) -> None:
+        try:
+            resp = self._client.delete_objects(Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True})
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self.fail(exc, "delete", batch[0]["Key"])
+        errors = [e for e in resp.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+        if errors:
+            first = errors[0]
+            raise StorageError(
+                f"cannot delete s3://{self._bucket}/{first.get('Key')}: {first.get('Code')}: "
+                f"{first.get('Message')} ({len(errors)} of {len(batch)} deletes failed)"
+            )
+
+    # --- listing -------------------------------------------------------------------------------------
+
+    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = self._dir(prefix)
+        strip = len(self._prefix) + 1 if self._prefix else 0
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=base)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(key=obj["Key"][strip:], size=int(obj["Size"]))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self.fail(exc, "list", prefix)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        base = self._dir(prefix)
+        names: list[str] = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self._bucket, Prefix=base, Delimiter="/"
+            )
+            for page in pages:
+                for cp in page.get("CommonPrefixes", []):
+                    name = cp["Prefix"][len(base) :].rstrip("/")
+                    if name and not name.startswith("."):
+                        names.append(name)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self.fail(exc, "list", prefix)
+        return sorted(names)
+
+
+class _S3Writer(ObjectWriter):
+    """Buffers one part; past one part it switches to a multipart upload with parts in flight."""
+
+    def __init__(self, store: S3ObjectStore, key: str, mode: PutMode, part_size: int, concurrency: int) -> None:
+        self._store = store
+        self._key = key
+        self._s3key = store._key(key)
+        self._mode = mode
+        self._part_size = part_size
+        self._concurrency = concurrency
+        self._buf = bytearray()
+        self._written = 0
+        self._upload_id: str | None = None
+        self._parts: list[Future[dict[str, Any]]] = []
+        self._closed = False
+
+    @property
+    def bytes_written(self) -> int:
+        return self._written
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._closed:
+            raise StorageError(f"write to {self._store.describe(self._key)} after close or abort")
+        self._buf += data
+        self._written += len(data)
+        while len(self._buf) >= self._part_size:
+            chunk = bytes(self._buf[: self._part_size])
+            del self._buf[: self._part_size]
+            self._submit_part(chunk)
+
+    def _submit_part(self, chunk: bytes) -> None:
+        client = self._store.client
+        if self._upload_id is None:
+            try:
+                resp = client.create_multipart_upload(Bucket=self._store.bucket, Key=self._s3key)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                self._closed = True
+                self._store.fail(exc, "write", self._key)
+            self._upload_id = str(resp["UploadId"])
+        number = len(self._parts) + 1
+        if number > MAX_PARTS:
+            self.abort()
+            raise StorageError(
+                f"{self._store.describe(self._key)}: stream exceeds {MAX_PARTS} parts of {self._part_size} "
+                "bytes; raise the part size"
+            )
+        # Bound the memory held by parts in flight.
+        in_flight = [f for f in self._parts if not f.done()]
+        if len(in_flight) >= self._concurrency:
+            in_flight[0].result()
+        upload_id = self._upload_id
+        self._parts.append(self._store.executor().submit(self._upload_part, upload_id, number, chunk))
+
+    def _upload_part(self, upload_id: str, number: int, chunk: bytes) -> dict[str, Any]:
+        resp = self._store.client.upload_part(
+            Bucket=self._store.bucket, Key=self._s3key, UploadId=upload_id, PartNumber=number, Body=chunk
+        )
+        return {"ETag": resp["ETag"], "PartNumber": number}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._upload_id is None:
+            self._closed = True
+            self._store.put(self._key, bytes(self._buf), self._mode)
+            self._buf = bytearray()
+            return
+        try:
+            if self._buf:
+                self._submit_part(bytes(self._buf))
+                self._buf = bytearray()
+            parts = [f.result() for f in self._parts]
+            kwargs: dict[str, Any] = {
+                "Bucket": self._store.bucket,
+                "Key": self._s3key,
+                "UploadId": self._upload_id,
+                "MultipartUpload": {"Parts": parts},
+            }
+            if self._mode is PutMode.CREATE:
+                kwargs["IfNoneMatch"] = "*"
+            self._store.client.complete_multipart_upload(**kwargs)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self.abort()
+            self._store.fail(exc, "write", self._key)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        self._closed = True
+        self._buf = bytearray()
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is None:
+            return
+        for f in self._parts:
+            f.cancel()
+        for f in self._parts:
+            if not f.cancelled():
+                with contextlib.suppress(Exception):  # the upload is being aborted anyway
+                    f.result()
+        try:
+            self._store.client.abort_multipart_upload(Bucket=self._store.bucket, Key=self._s3key, UploadId=upload_id)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+            # Best effort: an unfinished upload is invisible and a bucket lifecycle rule reaps it.
+            return

@@ -1,0 +1,438 @@
+"""Checkpoint storage: the on-disk layout, writing a checkpoint, committing it, finding and loading it.
+
+Layout under the storage base (DESIGN.md section 6)::
+
+    <base>/<job_id>/chk-<id>/_metadata      written last, create-only; its presence = complete
+    <base>/<job_id>/chk-<id>/...            exclusive state files of that checkpoint
+    <base>/<job_id>/shared/...              state files several checkpoints may reference
+    <base>/savepoints/savepoint-<job6>-<rand>/   self-contained savepoints
+
+Writing a checkpoint touches only the objects it creates (no LIST): ``begin_*`` returns a
+:class:`CheckpointWriter`, state streams are written through it, and :meth:`CheckpointWriter.commit`
+writes ``_metadata`` create-only. If the create finds an object, the commit compares bytes: identical
+bytes mean our own retried PUT landed (success); different bytes mean another writer won
+(``CommitConflictError``). A failure whose outcome cannot be read back is ``CommitOutcomeUnknownError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import uuid
+from dataclasses import dataclass
+
+from storage.base import ObjectStore, PutMode, join_key
+from storage.errors import (
+    AlreadyExistsError,
+    CheckpointNotFoundError,
+    CommitConflictError,
+    CommitFailedError,
+    CommitOutcomeUnknownError,
+    MetadataError,
+    NotFoundError,
+    StorageError,
+)
+from storage.metadata import JOB_ID_PATTERN, CheckpointKind, CheckpointMetadata, HandleScope, StreamHandle
+from storage.statefile import BytesSource, StateFileReader, StoreSource
+from storage.streams import StateOutputStream, StreamOptions, state_file_name
+from storage.validation import MAX_DOCUMENT_BYTES
+
+__all__ = [
+    "METADATA_FILE",
+    "CheckpointPointer",
+    "CheckpointStorage",
+    "CheckpointWriter",
+    "CompletedCheckpoint",
+]
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "_metadata"
+SHARED_DIR = "shared"
+CHECKPOINT_DIR = re.compile(r"chk-(0|[1-9][0-9]{0,18})")
+SAVEPOINT_DIR = re.compile(r"savepoint-[0-9a-f]{6}-[0-9a-f]{12}")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointPointer:
+    """Where a completed checkpoint or savepoint lives, before its metadata is read."""
+
+    kind: CheckpointKind
+    directory: str
+    """The checkpoint directory's key in the store."""
+    checkpoint_id: int | None = None
+    """Known from the directory name for checkpoints; ``None`` for savepoints until loaded."""
+
+
+class CompletedCheckpoint:
+    """A checkpoint or savepoint whose ``_metadata`` exists; opens its state files."""
+
+    def __init__(self, storage: CheckpointStorage, directory: str, metadata: CheckpointMetadata) -> None:
+        self.storage = storage
+        self.directory = directory
+        self.metadata = metadata
+
+    def __repr__(self) -> str:
+        return f"CompletedCheckpoint({self.location!r}, id={self.checkpoint_id})"
+
+    @property
+    def checkpoint_id(self) -> int:
+        return self.metadata.checkpoint_id
+
+    @property
+    def kind(self) -> CheckpointKind:
+        return self.metadata.kind
+
+    @property
+    def location(self) -> str:
+        """The checkpoint directory as an absolute path or URI."""
+        return self.storage.store.describe(self.directory)
+
+    def state_key(self, handle: StreamHandle) -> str | None:
+        """The object key a handle refers to (``None`` for inline handles).
+
+        Raises:
+            MetadataError: a savepoint refers to shared state (savepoints must be self-contained).
+        """
+        if handle.scope is HandleScope.INLINE:
+            return None
+        assert handle.path is not None  # guaranteed by StreamHandle's invariants
+        if handle.scope is HandleScope.EXCLUSIVE:
+            return join_key(self.directory, handle.path)
+        if self.kind is CheckpointKind.SAVEPOINT:
+            raise MetadataError(
+                f"{self.location}: savepoint refers to shared state {handle.path!r}; savepoints must be self-contained"
+            )
+        job_dir = self.directory.rsplit("/", 1)[0] if "/" in self.directory else ""
+        return join_key(job_dir, SHARED_DIR, handle.path)
+
+    def open_state(self, handle: StreamHandle) -> StateFileReader:
+        """A reader over the state file a handle refers to (size and checksum are checked on read)."""
+        key = self.state_key(handle)
+        if key is None:
+            assert handle.data is not None
+            return StateFileReader(
+                BytesSource(handle.data, f"{self.location}/{METADATA_FILE} (inline state)"),
+                size=handle.size,
+                checksum=handle.checksum,
+            )
+        return StateFileReader(StoreSource(self.storage.store, key), size=handle.size, checksum=handle.checksum)
+
+
+class CheckpointWriter:
+    """Writes one checkpoint or savepoint: state streams first, ``_metadata`` last.
+
+    Streams may be opened and written from several threads at once (one thread per stream).
+    """
+
+    def __init__(
+        self,
+        storage: CheckpointStorage,
+        job_id: str,
+        checkpoint_id: int,
+        kind: CheckpointKind,
+        directory: str,
+    ) -> None:
+        self._storage = storage
+        self.job_id = job_id
+        self.checkpoint_id = checkpoint_id
+        self.kind = kind
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._written: list[str] = []
+        self._streams: list[StateOutputStream] = []
+        self._done = False
+
+    @property
+    def location(self) -> str:
+        return self._storage.store.describe(self.directory)
+
+    def _track(self, key: str) -> None:
+        with self._lock:
+            self._written.append(key)
+
+    def open_stream(self, hint: str, scope: HandleScope = HandleScope.EXCLUSIVE) -> StateOutputStream:
+        """Open a state stream named after ``hint`` (e.g. ``"orders/3/keyed"``).
+
+        ``HandleScope.SHARED`` places the file under the job's ``shared/`` directory; in a savepoint,
+        which must be self-contained, every stream is exclusive.
+        """
+        if self._done:
+            raise StorageError(f"{self.location}: cannot open a stream on a committed or aborted checkpoint")
+        if scope is HandleScope.INLINE:
+            raise ValueError("inline is decided by the stream's size, not requested")
+        if scope is HandleScope.SHARED and self.kind is CheckpointKind.SAVEPOINT:
+            scope = HandleScope.EXCLUSIVE
+        directory = self.directory
+        if scope is HandleScope.SHARED:
+            directory = join_key(self._storage.job_directory(self.job_id), SHARED_DIR)
+        stream = StateOutputStream(
+            self._storage.store, directory, state_file_name(hint), scope, self._storage.options, self._track
+        )
+        with self._lock:
+            self._streams.append(stream)
+        return stream
+
+    def commit(self, metadata: CheckpointMetadata) -> CompletedCheckpoint:
+        """Write ``_metadata`` create-only: the commit point of the checkpoint.
+
+        Raises:
+            CommitConflictError: another writer already committed this checkpoint id.
+            CommitFailedError: the commit did not happen; nothing changed.
+            CommitOutcomeUnknownError: the write failed in a way that may or may not have committed.
+        """
+        if (metadata.job_id, metadata.checkpoint_id, metadata.kind) != (
+            self.job_id,
+            self.checkpoint_id,
+            self.kind,
+        ):
+            raise ValueError(
+                f"metadata for {metadata.kind} {metadata.checkpoint_id} of job {metadata.job_id} does not match "
+                f"the location {self.location} ({self.kind} {self.checkpoint_id} of job {self.job_id})"
+            )
+        with self._lock:
+            if self._done:
+                raise CommitFailedError(f"{self.location}: checkpoint was already committed or aborted")
+            self._done = True
+        data = metadata.to_json_bytes()
+        key = join_key(self.directory, METADATA_FILE)
+        store = self._storage.store
+        try:
+            store.put(key, data, PutMode.CREATE)
+        except AlreadyExistsError:
+            self._resolve_existing(key, data, None)
+        except StorageError as exc:
+            self._resolve_existing(key, data, exc)
+        return CompletedCheckpoint(self._storage, self.directory, metadata)
+
+    def _resolve_existing(self, key: str, data: bytes, cause: StorageError | None) -> None:
+        """After a failed or conflicting create, read back what is there to learn the outcome."""
+        store = self._storage.store
+        name = f"{self.kind} {self.checkpoint_id} of job {self.job_id}"
+        try:
+            existing = store.get(key)
+        except NotFoundError:
+            raise CommitFailedError(f"{store.describe(key)}: {name} was not committed: {cause}") from cause
+        except StorageError as exc:
+            raise CommitOutcomeUnknownError(
+                f"{store.describe(key)}: the commit of {name} failed ({cause or 'conflict'}) and reading it back "
+                f"failed too ({exc}); load the checkpoint to learn whether it is complete"
+            ) from exc
+        if existing == data:
+            log.info("commit of %s found its own metadata already in place (a retried write landed)", name)
+            return
+        raise CommitConflictError(
+            f"{store.describe(key)}: {name} was already committed by another writer; this commit lost and "
+            "changed nothing"
+        ) from cause
+
+    def abort(self) -> None:
+        """Remove everything this checkpoint wrote. Completed checkpoints are never touched."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            streams, written = list(self._streams), list(self._written)
+        for stream in streams:
+            stream.abort()
+        store = self._storage.store
+        try:
+            store.delete_many(written)
+            # Files other writers (other processes) placed there, and empty local directories.
+            store.delete_prefix(self.directory)
+        except StorageError as exc:
+            log.warning("could not remove all files of aborted checkpoint %s: %s", self.location, exc)
+
+
+class CheckpointStorage:
+    """Checkpoints and savepoints under ``base`` in an object store.
+
+    Args:
+        store: where the bytes go.
+        base: the key prefix of the storage root inside the store ("" = the store's root).
+        options: how state streams are written.
+        savepoint_dir: the directory (under ``base``) savepoints go to.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        base: str = "",
+        *,
+        options: StreamOptions | None = None,
+        savepoint_dir: str = "savepoints",
+    ) -> None:
+        self.store = store
+        self.base = base.strip("/")
+        self.options = options or StreamOptions()
+        self.savepoint_dir = savepoint_dir
+
+    def __repr__(self) -> str:
+        return f"CheckpointStorage({self.location!r})"
+
+    @property
+    def location(self) -> str:
+        return self.store.describe(self.base)
+
+    def job_directory(self, job_id: str) -> str:
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            raise ValueError(f"job_id {job_id!r} is not 32 lowercase hex digits")
+        return join_key(self.base, job_id)
+
+    # --- writing -------------------------------------------------------------------------------------
+
+    def begin_checkpoint(self, job_id: str, checkpoint_id: int) -> CheckpointWriter:
+        """Start writing checkpoint ``checkpoint_id`` of ``job_id`` under ``<job_id>/chk-<id>/``."""
+        if checkpoint_id < 0:
+            raise ValueError(f"invalid checkpoint ID: {checkpoint_id}")
+        directory = join_key(self.job_directory(job_id), f"chk-{checkpoint_id}")
+        return CheckpointWriter(self, job_id, checkpoint_id, CheckpointKind.CHECKPOINT, directory)
+
+    def begin_savepoint(self, job_id: str, checkpoint_id: int) -> CheckpointWriter:
+        """Start writing a self-contained savepoint under ``savepoints/savepoint-<job6>-<random>/``."""
+        self.job_directory(job_id)  # validates the id
+        name = f"savepoint-{job_id[:6]}-{uuid.uuid4().hex[:12]}"
+        directory = join_key(self.base, self.savepoint_dir, name)
+        return CheckpointWriter(self, job_id, checkpoint_id, CheckpointKind.SAVEPOINT, directory)
+
+    # --- finding and loading -------------------------------------------------------------------------
+
+    def load(self, directory: str) -> CompletedCheckpoint:
+        """Load the completed checkpoint in ``directory`` (a key in the store).
+
+        Raises:
+            CheckpointNotFoundError: the directory has no ``_metadata``.
+            MetadataError: the metadata is invalid (or disagrees with the directory name).
+        """
+        key = join_key(directory, METADATA_FILE)
+        where = self.store.describe(key)
+        try:
+            data = self.store.get_range(key, 0, MAX_DOCUMENT_BYTES + 1)
+        except NotFoundError as exc:
+            raise CheckpointNotFoundError(
+                f"Cannot find meta data file '{METADATA_FILE}' in directory '{self.store.describe(directory)}'; "
+                "it is not a completed checkpoint or savepoint"
+            ) from exc
+        metadata = CheckpointMetadata.from_json_bytes(data, where)
+        name = directory.rsplit("/", 1)[-1]
+        m = CHECKPOINT_DIR.fullmatch(name)
+        if m and (int(m.group(1)) != metadata.checkpoint_id or metadata.kind is not CheckpointKind.CHECKPOINT):
+            raise MetadataError(
+                f"{where}: directory {name} holds metadata of {metadata.kind} {metadata.checkpoint_id}; "
+                "the checkpoint directory was renamed or its metadata replaced"
+            )
+        return CompletedCheckpoint(self, directory, metadata)
+
+    def _has_metadata(self, directory: str) -> bool:
+        return self.store.exists(join_key(directory, METADATA_FILE))
+
+    def discover(self, key: str = "") -> list[CheckpointPointer]:
+        """Completed checkpoints and savepoints under ``key`` (relative to the base).
+
+        ``key`` may be the storage root, a job directory, or a savepoints directory. Directories
+        without ``_metadata`` are incomplete and never reported. Checkpoints come newest id first.
+        """
+        top = join_key(self.base, key)
+        found: list[CheckpointPointer] = []
+
+        def scan(directory: str, depth: int) -> None:
+            for name in self.store.list_dirs(directory):
+                child = join_key(directory, name)
+                if m := CHECKPOINT_DIR.fullmatch(name):
+                    found.append(CheckpointPointer(CheckpointKind.CHECKPOINT, child, int(m.group(1))))
+                elif SAVEPOINT_DIR.fullmatch(name):
+                    found.append(CheckpointPointer(CheckpointKind.SAVEPOINT, child))
+                elif depth == 0 and (JOB_ID_PATTERN.fullmatch(name) or name == self.savepoint_dir):
+                    scan(child, 1)
+
+        scan(top, 0)
+        complete = [p for p in found if self._has_metadata(p.directory)]
+        complete.sort(key=lambda p: (p.kind is CheckpointKind.CHECKPOINT, p.checkpoint_id or 0), reverse=True)
+        return complete
+
+    def list_checkpoints(self, job_id: str) -> list[CheckpointPointer]:
+        """Completed checkpoints (not savepoints) of one job, newest first."""
+        return [p for p in self.discover(job_id) if p.kind is CheckpointKind.CHECKPOINT]
+
+    def latest(self, key: str = "", *, skip_corrupt: bool = False) -> CompletedCheckpoint | None:
+        """The newest completed checkpoint or savepoint under ``key`` by (timestamp, id).
+
+        Args:
+            key: storage root (default), a job directory or a savepoints directory, relative to base.
+            skip_corrupt: if the newest metadata cannot be read, log it and use the next one
+                (what a job does on recovery) instead of raising (what a tool does).
+        """
+        best: CompletedCheckpoint | None = None
+        seen_jobs: set[str] = set()
+        for pointer in self.discover(key):
+            if pointer.kind is CheckpointKind.CHECKPOINT:
+                job_dir = pointer.directory.rsplit("/", 1)[0]
+                if job_dir in seen_jobs:
+                    continue  # only the newest loadable checkpoint of each job can win
+            try:
+                candidate = self.load(pointer.directory)
+            except (MetadataError, NotFoundError) as exc:
+                if not skip_corrupt:
+                    raise
+                log.warning("skipping unreadable checkpoint %s: %s", self.store.describe(pointer.directory), exc)
+                continue
+            if pointer.kind is CheckpointKind.CHECKPOINT:
+                seen_jobs.add(pointer.directory.rsplit("/", 1)[0])
+            order = (candidate.metadata.timestamp, candidate.checkpoint_id)
+            if best is None or order > (best.metadata.timestamp, best.checkpoint_id):
+                best = candidate
+        return best
+
+    def resolve(self, key: str = "") -> CompletedCheckpoint:
+        """Load what a user pointed at: a checkpoint or savepoint directory, its ``_metadata``, a job
+        directory or a storage root (then the newest completed checkpoint or savepoint below it).
+
+        Raises:
+            CheckpointNotFoundError: nothing completed is there.
+        """
+        full = join_key(self.base, key)
+        if full.endswith("/" + METADATA_FILE) or full == METADATA_FILE:
+            return self.load(full.rsplit("/", 1)[0] if "/" in full else "")
+        if full and self._has_metadata(full):
+            return self.load(full)
+        latest = self.latest(key)
+        if latest is None:
+            raise CheckpointNotFoundError(
+                f"Cannot find checkpoint or savepoint at '{self.store.describe(full)}': no directory with "
+                f"'{METADATA_FILE}' there or below it"
+            )
+        return latest
+
+    # --- deleting ------------------------------------------------------------------------------------
+
+    def discard(self, checkpoint: CompletedCheckpoint, *, keep_shared: set[str] | None = None) -> None:
+        """Delete a completed checkpoint: ``_metadata`` first (so it is never seen half-deleted), then
+        its exclusive files, then the shared files no path in ``keep_shared`` names.
+        """
+        store = self.store
+        store.delete(join_key(checkpoint.directory, METADATA_FILE))
+        keys: list[str] = []
+        for handle in checkpoint.metadata.handles():
+            if handle.scope is HandleScope.SHARED and handle.path in (keep_shared or set()):
+                continue
+            key = checkpoint.state_key(handle)
+            if key is not None:
+                keys.append(key)
+        store.delete_many(keys)
+        store.delete_prefix(checkpoint.directory)
+
+    def cleanup_incomplete(self, job_id: str, below: int) -> list[str]:
+        """Delete checkpoint directories of ``job_id`` with id < ``below`` that have no ``_metadata``
+        (left by a crash or an abort that could not finish). Returns the directories removed.
+        """
+        removed: list[str] = []
+        job_dir = self.job_directory(job_id)
+        for name in self.store.list_dirs(job_dir):
+            m = CHECKPOINT_DIR.fullmatch(name)
+            if m and int(m.group(1)) < below:
+                directory = join_key(job_dir, name)
+                if not self._has_metadata(directory):
+                    self.store.delete_prefix(directory)
+                    removed.append(directory)
+        return removed

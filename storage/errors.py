@@ -1,0 +1,136 @@
+"""The keystate exception tree.
+
+Every error keystate raises on purpose derives from :class:`KeystateError`. Each class means exactly one
+thing; builtins are mixed in where the meaning matches, so ``except FileNotFoundError`` still works for
+a missing checkpoint. The root lives in ``storage`` because it is the lowest layer; ``statebackend``,
+``runtime`` and ``tools`` extend the tree from here.
+
+Messages say what happened, where, what was expected and what was found, and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyExistsError",
+    "BucketNotFoundError",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "CommitConflictError",
+    "CommitFailedError",
+    "CommitOutcomeUnknownError",
+    "CredentialsError",
+    "FormatError",
+    "InvalidURIError",
+    "KeystateError",
+    "MetadataError",
+    "NotFoundError",
+    "StateFileError",
+    "StorageAccessDeniedError",
+    "StorageError",
+    "StorageUnavailableError",
+    "TopologyError",
+    "UnsafePathError",
+    "UnsupportedFormatVersionError",
+]
+
+
+class KeystateError(Exception):
+    """Root of every error keystate raises on purpose."""
+
+
+# --- storage ------------------------------------------------------------------------------------------
+
+
+class StorageError(KeystateError):
+    """An operation on checkpoint storage (local disk, S3, memory) failed."""
+
+
+class NotFoundError(StorageError, FileNotFoundError):
+    """An object (file, S3 key) that was expected to exist does not.
+
+    Every storage backend reports a missing object with this class and nothing else.
+    """
+
+
+class CheckpointNotFoundError(NotFoundError):
+    """No completed checkpoint or savepoint exists at the given location or id."""
+
+
+class AlreadyExistsError(StorageError, FileExistsError):
+    """A create-only write found the object already present."""
+
+
+class StorageAccessDeniedError(StorageError, PermissionError):
+    """The storage refused the operation (missing permission, access denied)."""
+
+
+class BucketNotFoundError(NotFoundError):
+    """The S3 bucket named in the location does not exist."""
+
+
+class CredentialsError(StorageError):
+    """No usable credentials were found for the storage (e.g. no AWS credentials configured)."""
+
+
+class StorageUnavailableError(StorageError, ConnectionError):
+    """The storage could not be reached (endpoint unreachable, retries exhausted on throttling or 5xx)."""
+
+
+class CommitFailedError(StorageError):
+    """A checkpoint commit definitely did not happen; the checkpoint is not complete."""
+
+
+class CommitConflictError(CommitFailedError, AlreadyExistsError):
+    """Another writer already committed a checkpoint with the same id (the create-only write lost)."""
+
+
+class CommitOutcomeUnknownError(StorageError):
+    """A commit may or may not have happened (e.g. the connection dropped after the PUT was sent).
+
+    Load the checkpoint to find out; never assume either outcome.
+    """
+
+
+# --- formats -----------------------------------------------------------------------------------------
+
+
+class FormatError(KeystateError, ValueError):
+    """Bytes read from storage do not follow the documented format (see docs/format.md)."""
+
+
+class MetadataError(FormatError):
+    """A ``_metadata`` file is truncated, not JSON, or has a field that is missing or invalid."""
+
+
+class UnsupportedFormatVersionError(MetadataError):
+    """A format version is unknown or newer than this keystate supports."""
+
+    def __init__(self, what: str, found: object, supported: tuple[int, ...], where: str) -> None:
+        self.found = found
+        self.supported = supported
+        self.where = where
+        versions = ", ".join(str(v) for v in supported)
+        super().__init__(
+            f"{where}: {what} format_version {found!r} is not supported (this keystate reads {versions}); "
+            "upgrade keystate to read it"
+        )
+
+
+class TopologyError(FormatError):
+    """A job topology (a topology file or a job graph) is malformed: bad field, unknown input, cycle."""
+
+
+class UnsafePathError(MetadataError):
+    """A path in metadata is absolute or would leave the checkpoint's root directory."""
+
+
+class StateFileError(FormatError):
+    """A state file is truncated, corrupted, or does not follow the state-file format."""
+
+
+class ChecksumMismatchError(StateFileError):
+    """Stored bytes do not match the checksum recorded for them."""
+
+
+class InvalidURIError(KeystateError, ValueError):
+    """A storage location string is not a path, ``file://`` URI or ``s3://bucket/prefix`` URI."""

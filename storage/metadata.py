@@ -1,0 +1,383 @@
+"""The extended checkpoint format: what ``_metadata`` holds, as frozen typed classes.
+
+A checkpoint's metadata records the job topology at checkpoint time and, per operator, either
+``fully_finished`` (FLIP-147: every subtask finished, no state at all) or per-subtask entries that are
+either a finished marker or the subtask's state handles. Invariants are checked here, on construction,
+so metadata built in code and metadata parsed from a file obey the same rules; the field-by-field
+parsing of the JSON lives in ``storage._metadata_v1``. ``docs/format.md`` is the normative spec.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import ClassVar
+
+from storage.errors import MetadataError, TopologyError
+from storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
+from storage.statefile import FILE_HEADER, TRAILER, Compression
+from storage.topology import InputEdge, Topology, TopologyOperator
+from storage.validation import safe_relative_path
+
+__all__ = [
+    "CheckpointKind",
+    "CheckpointMetadata",
+    "CheckpointProperties",
+    "DistributionMode",
+    "HandleScope",
+    "KeyedStateHandle",
+    "OperatorState",
+    "OperatorStateEntry",
+    "OperatorStateHandle",
+    "OperatorStatus",
+    "StreamHandle",
+    "SubtaskState",
+]
+
+JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+CHECKSUM_PATTERN = re.compile(r"xxh3-64:[0-9a-f]{16}")
+
+
+class CheckpointKind(StrEnum):
+    CHECKPOINT = "checkpoint"
+    SAVEPOINT = "savepoint"
+
+
+class OperatorStatus(StrEnum):
+    """FLIP-147 operator status: no finished marker / some subtasks finished / all finished."""
+
+    RUNNING = "running"
+    PARTIALLY_FINISHED = "partially_finished"
+    FULLY_FINISHED = "fully_finished"
+
+
+class DistributionMode(StrEnum):
+    """How operator list state is redistributed on restore (Flink's ``OperatorStateHandle.Mode``)."""
+
+    SPLIT = "split"
+    """SPLIT_DISTRIBUTE: entries are dealt out in contiguous chunks."""
+    UNION = "union"
+    """Every subtask receives every entry."""
+    BROADCAST = "broadcast"
+    """Every subtask holds the same entries; subtask i receives the copy of reporter ``i % reporters``."""
+
+
+class HandleScope(StrEnum):
+    EXCLUSIVE = "exclusive"
+    """A file under the checkpoint directory; ``path`` is relative to it."""
+    SHARED = "shared"
+    """A file under the job's ``shared/`` directory, possibly referenced by several checkpoints."""
+    INLINE = "inline"
+    """Small state stored in ``_metadata`` itself (base64 in JSON)."""
+
+
+def _invalid(what: str) -> MetadataError:
+    return MetadataError(what)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHandle:
+    """A reference to the bytes of one state file (see the state-file format)."""
+
+    scope: HandleScope
+    size: int
+    """Stored bytes of the state file (header, blocks and trailer); >= 0."""
+    raw_size: int
+    """Uncompressed payload bytes; >= 0."""
+    checksum: str
+    """``xxh3-64:`` followed by 16 hex digits: the xxh3-64 of all stored bytes."""
+    compression: Compression
+    path: str | None = None
+    """For ``exclusive`` and ``shared`` scope: a safe relative path (no ``..``, not absolute)."""
+    data: bytes | None = None
+    """For ``inline`` scope: the state file's bytes; ``len(data) == size``."""
+
+    def __post_init__(self) -> None:
+        if self.size < 0 or self.raw_size < 0:
+            raise _invalid(f"handle sizes must not be negative (size {self.size}, raw_size {self.raw_size})")
+        if not CHECKSUM_PATTERN.fullmatch(self.checksum):
+            raise _invalid(f"handle checksum {self.checksum!r} is not 'xxh3-64:' and 16 hex digits")
+        if self.scope is HandleScope.INLINE:
+            if self.data is None or self.path is not None:
+                raise _invalid("an inline handle carries data and no path")
+            if len(self.data) != self.size:
+                raise _invalid(f"inline handle holds {len(self.data)} bytes but records size {self.size}")
+        else:
+            if self.path is None or self.data is not None:
+                raise _invalid(f"a {self.scope.value} handle carries a path and no data")
+            safe_relative_path(self.path, f"{self.scope.value} handle")
+
+    @property
+    def describe(self) -> str:
+        return "inline" if self.path is None else f"{self.scope.value}:{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedStateHandle:
+    """Keyed state of a key-group range in one state file, with the file offset of each key group.
+
+    ``offsets[i]`` is where key group ``key_groups.start + i`` starts; it is always a block boundary.
+    A key group ends where the next one starts; the last one ends at the trailer.
+    """
+
+    key_groups: KeyGroupRange
+    offsets: tuple[int, ...]
+    stream: StreamHandle
+
+    def __post_init__(self) -> None:
+        if not self.key_groups:
+            raise _invalid("a keyed handle needs a non-empty key-group range")
+        if len(self.offsets) != len(self.key_groups):
+            raise _invalid(
+                f"keyed handle for key groups {self.key_groups} has {len(self.offsets)} offsets, "
+                f"expected {len(self.key_groups)} (one per key group)"
+            )
+        low, high = FILE_HEADER.size, self.stream.size - TRAILER.size
+        previous = low
+        for i, off in enumerate(self.offsets):
+            if off < previous or off > high:
+                raise _invalid(
+                    f"keyed handle offset for key group {self.key_groups.start + i} is {off}; offsets must "
+                    f"be non-decreasing and within {low}..{high} (the file's blocks)"
+                )
+            previous = off
+
+    def offset_range(self, key_group: int) -> tuple[int, int | None]:
+        """Start and end offsets of one key group (``end`` is ``None`` for the last one)."""
+        i = key_group - self.key_groups.start
+        start = self.offsets[i]
+        end = self.offsets[i + 1] if i + 1 < len(self.offsets) else None
+        return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorStateEntry:
+    """One named operator list state in a handle: its distribution mode and element offsets.
+
+    ``offsets`` are positions in the *uncompressed* stream where each element starts (as in Flink);
+    ``serializer`` names the element serializer so tools can decode safely.
+    """
+
+    name: str
+    mode: DistributionMode
+    offsets: tuple[int, ...]
+    serializer: str
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise _invalid("an operator state needs a non-empty name")
+        if any(b < a for a, b in zip(self.offsets, self.offsets[1:], strict=False)) or any(o < 0 for o in self.offsets):
+            raise _invalid(f"operator state {self.name!r}: offsets must be non-negative and non-decreasing")
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorStateHandle:
+    """Operator (non-keyed) list states of one subtask, all in one state file."""
+
+    states: tuple[OperatorStateEntry, ...]
+    stream: StreamHandle
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.states]
+        if len(set(names)) != len(names):
+            raise _invalid(f"operator state handle names a state twice: {sorted(names)}")
+        for s in self.states:
+            if s.offsets and s.offsets[-1] > self.stream.raw_size:
+                raise _invalid(
+                    f"operator state {s.name!r}: offset {s.offsets[-1]} is beyond the stream's "
+                    f"{self.stream.raw_size} raw bytes"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class SubtaskState:
+    """One subtask slot: the FLIP-147 finished marker, or the subtask's state handles."""
+
+    index: int
+    finished: bool = False
+    keyed: tuple[KeyedStateHandle, ...] = ()
+    operator: tuple[OperatorStateHandle, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.index < 0:
+            raise _invalid(f"subtask index must not be negative, found {self.index}")
+        if self.finished and (self.keyed or self.operator):
+            raise _invalid(f"subtask {self.index} is marked finished but carries state; a finished marker has none")
+
+    def handles(self) -> Iterator[StreamHandle]:
+        for k in self.keyed:
+            yield k.stream
+        for o in self.operator:
+            yield o.stream
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(h.size for h in self.handles())
+
+
+@dataclass(frozen=True)
+class OperatorState:
+    """One operator in a checkpoint: its topology at checkpoint time and its state or finished status."""
+
+    uid: str
+    parallelism: int
+    max_parallelism: int
+    inputs: tuple[InputEdge, ...] = ()
+    fully_finished: bool = False
+    """FLIP-147 ``FullyFinishedOperatorState``: every subtask finished; no subtask entries at all."""
+    subtasks: tuple[SubtaskState, ...] = ()
+    """Subtasks with state or a finished marker, by ascending index; an absent index has no state."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_parallelism <= UPPER_BOUND_MAX_PARALLELISM:
+            raise _invalid(
+                f"operator {self.uid!r}: max_parallelism is not in valid bounds (1..{UPPER_BOUND_MAX_PARALLELISM}), "
+                f"found: {self.max_parallelism}"
+            )
+        if not 1 <= self.parallelism <= self.max_parallelism:
+            # Flink OperatorState: "Parallelism %s is not smaller or equal to max parallelism %s."
+            raise _invalid(
+                f"operator {self.uid!r}: parallelism {self.parallelism} is not smaller or equal to max "
+                f"parallelism {self.max_parallelism}"
+            )
+        if self.fully_finished and self.subtasks:
+            raise _invalid(f"operator {self.uid!r} is fully finished but lists subtask state; it must list none")
+        previous = -1
+        for st in self.subtasks:
+            if st.index <= previous or st.index >= self.parallelism:
+                raise _invalid(
+                    f"operator {self.uid!r}: subtask index {st.index} is out of order or outside "
+                    f"0..{self.parallelism - 1}; indices must be unique and ascending"
+                )
+            previous = st.index
+            for k in st.keyed:
+                if k.key_groups.end >= self.max_parallelism:
+                    raise _invalid(
+                        f"operator {self.uid!r} subtask {st.index}: key groups {k.key_groups} exceed "
+                        f"max_parallelism {self.max_parallelism}"
+                    )
+
+    @property
+    def status(self) -> OperatorStatus:
+        if self.fully_finished:
+            return OperatorStatus.FULLY_FINISHED
+        if any(st.finished for st in self.subtasks):
+            return OperatorStatus.PARTIALLY_FINISHED
+        return OperatorStatus.RUNNING
+
+    @property
+    def finished_subtasks(self) -> list[int]:
+        """Indices with a finished marker; all indices when the operator is fully finished."""
+        if self.fully_finished:
+            return list(range(self.parallelism))
+        return [st.index for st in self.subtasks if st.finished]
+
+    def subtask(self, index: int) -> SubtaskState | None:
+        for st in self.subtasks:
+            if st.index == index:
+                return st
+        return None
+
+    def handles(self) -> Iterator[StreamHandle]:
+        for st in self.subtasks:
+            yield from st.handles()
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(st.state_bytes for st in self.subtasks)
+
+    @property
+    def has_state(self) -> bool:
+        return any(True for _ in self.handles())
+
+    @property
+    def has_keyed_state(self) -> bool:
+        return any(st.keyed for st in self.subtasks)
+
+    def uses_union_state(self) -> bool:
+        return any(e.mode is DistributionMode.UNION for st in self.subtasks for o in st.operator for e in o.states)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointProperties:
+    """How the checkpoint was taken."""
+
+    synchronous: bool = False
+    """A stop-with-savepoint savepoint: the job stopped after it (tasks waited for it)."""
+    drain: bool = False
+    """Stop-with-savepoint ``--drain``: finish() ran and MAX_WATERMARK was emitted before it."""
+
+    def __post_init__(self) -> None:
+        if self.drain and not self.synchronous:
+            raise _invalid("properties: 'drain' is only valid for a synchronous (stop-with-savepoint) savepoint")
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """Everything ``_metadata`` holds. Written last and create-only: its presence = checkpoint complete."""
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    checkpoint_id: int
+    job_id: str
+    """32 lowercase hex digits."""
+    kind: CheckpointKind
+    timestamp: int
+    """Milliseconds since the Unix epoch when the checkpoint was triggered."""
+    operators: tuple[OperatorState, ...]
+    properties: CheckpointProperties = CheckpointProperties()
+    _by_uid: dict[str, OperatorState] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_id < 0:
+            raise _invalid(f"invalid checkpoint ID: {self.checkpoint_id}")
+        if not JOB_ID_PATTERN.fullmatch(self.job_id):
+            raise _invalid(f"job_id {self.job_id!r} is not 32 lowercase hex digits")
+        if self.properties.synchronous and self.kind is not CheckpointKind.SAVEPOINT:
+            raise _invalid("properties: only a savepoint can be synchronous (stop-with-savepoint)")
+        try:
+            self.topology()  # unique uids, known inputs, no cycles, forward edges of equal parallelism
+        except TopologyError as exc:
+            raise _invalid(f"topology: {exc}") from exc
+        object.__setattr__(self, "_by_uid", {op.uid: op for op in self.operators})
+
+    def operator(self, uid: str) -> OperatorState | None:
+        return self._by_uid.get(uid)
+
+    def topology(self) -> Topology:
+        """The job topology at checkpoint time (``max_parallelism`` always explicit)."""
+        return Topology(
+            tuple(TopologyOperator(op.uid, op.parallelism, op.max_parallelism, op.inputs) for op in self.operators)
+        )
+
+    def handles(self) -> Iterator[StreamHandle]:
+        for op in self.operators:
+            yield from op.handles()
+
+    @property
+    def total_state_bytes(self) -> int:
+        return sum(op.state_bytes for op in self.operators)
+
+    @property
+    def directory_name(self) -> str:
+        return f"chk-{self.checkpoint_id}"
+
+    def to_json_bytes(self) -> bytes:
+        from storage._metadata_v1 import dump_v1
+
+        return dump_v1(self)
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes, where: str) -> CheckpointMetadata:
+        """Parse ``_metadata`` bytes, dispatching on ``format_version``.
+
+        Raises:
+            MetadataError: truncated, not JSON, a missing/invalid field, or an inconsistency.
+            UnsupportedFormatVersionError: unknown or newer ``format_version``.
+            UnsafePathError: a handle path is absolute or leaves its directory.
+        """
+        from storage._metadata_v1 import load_metadata
+
+        return load_metadata(data, where)

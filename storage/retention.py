@@ -1,0 +1,90 @@
+"""Retention of completed checkpoints (Flink's ``DefaultCompletedCheckpointStore``).
+
+The store keeps the newest ``num_retained`` checkpoints of a job and discards older ones as new ones
+are added, oldest first. Savepoints are never added and never deleted by retention. A shared state
+file is deleted only when no retained checkpoint references it any more.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from storage.checkpoints import CheckpointStorage, CompletedCheckpoint
+from storage.errors import KeystateError
+from storage.metadata import CheckpointKind, HandleScope
+
+__all__ = ["CompletedCheckpointStore"]
+
+log = logging.getLogger(__name__)
+
+
+class CompletedCheckpointStore:
+    """The retained completed checkpoints of one job, oldest first.
+
+    Args:
+        storage: where the checkpoints live.
+        job_id: the job.
+        num_retained: how many completed checkpoints to keep (Flink's
+            ``execution.checkpointing.num-retained``, default 1).
+    """
+
+    def __init__(self, storage: CheckpointStorage, job_id: str, num_retained: int = 1) -> None:
+        if num_retained < 1:
+            raise ValueError(f"num_retained must be at least 1, found {num_retained}")
+        self._storage = storage
+        self._job_id = job_id
+        self._num_retained = num_retained
+        self._checkpoints: list[CompletedCheckpoint] = []
+
+    @property
+    def checkpoints(self) -> list[CompletedCheckpoint]:
+        return list(self._checkpoints)
+
+    def latest(self) -> CompletedCheckpoint | None:
+        return self._checkpoints[-1] if self._checkpoints else None
+
+    def recover(self) -> list[CompletedCheckpoint]:
+        """Load the job's completed checkpoints from storage (after a restart); unreadable ones are
+        logged and skipped. Older ones beyond ``num_retained`` are subsumed on the next :meth:`add`.
+        """
+        loaded: list[CompletedCheckpoint] = []
+        for pointer in reversed(self._storage.list_checkpoints(self._job_id)):
+            try:
+                loaded.append(self._storage.load(pointer.directory))
+            except KeystateError as exc:
+                log.warning("cannot recover checkpoint %s: %s", self._storage.store.describe(pointer.directory), exc)
+        self._checkpoints = loaded
+        return list(loaded)
+
+    def add(self, checkpoint: CompletedCheckpoint) -> list[CompletedCheckpoint]:
+        """Add a newly completed checkpoint and discard what falls out of retention.
+
+        Savepoints are not retained here and never deleted. Discard failures are logged, not raised:
+        a checkpoint that cannot be cleaned up is still complete.
+
+        Returns:
+            The checkpoints that were discarded.
+        """
+        if checkpoint.kind is CheckpointKind.SAVEPOINT:
+            return []
+        if self._checkpoints and checkpoint.checkpoint_id <= self._checkpoints[-1].checkpoint_id:
+            raise ValueError(
+                f"checkpoint {checkpoint.checkpoint_id} is not newer than the latest retained "
+                f"{self._checkpoints[-1].checkpoint_id}; ids must increase"
+            )
+        self._checkpoints.append(checkpoint)
+        discarded: list[CompletedCheckpoint] = []
+        while len(self._checkpoints) > self._num_retained:
+            oldest = self._checkpoints.pop(0)
+            keep = {
+                h.path
+                for c in self._checkpoints
+                for h in c.metadata.handles()
+                if h.scope is HandleScope.SHARED and h.path is not None
+            }
+            try:
+                self._storage.discard(oldest, keep_shared=keep)
+            except KeystateError as exc:
+                log.warning("could not discard subsumed checkpoint %s: %s", oldest.location, exc)
+            discarded.append(oldest)
+        return discarded

@@ -1,0 +1,124 @@
+"""Storage locations: a local path, a ``file://`` URI or an ``s3://bucket/prefix`` URI.
+
+:func:`open_storage` turns a location into a :class:`~storage.checkpoints.CheckpointStorage`. The
+object store is rooted at the container (the filesystem root, the bucket) and the location's path
+becomes the storage *base*, so a checkpoint directory can always reach its job's ``shared/``
+directory, whatever level of the layout the location names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from storage._local import LocalObjectStore
+from storage._s3 import S3ObjectStore
+from storage.base import ObjectStore, validate_key
+from storage.checkpoints import CheckpointStorage
+from storage.errors import InvalidURIError
+from storage.streams import StreamOptions
+
+__all__ = ["Location", "open_storage", "open_store", "parse_location"]
+
+MAX_URI = 4096
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """A parsed storage location."""
+
+    scheme: str
+    """``file`` or ``s3``."""
+    bucket: str
+    """The S3 bucket; empty for ``file``."""
+    path: str
+    """The key prefix inside the container, without leading or trailing ``/``."""
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.path}" if self.scheme == "s3" else f"/{self.path}"
+
+
+def parse_location(uri: str) -> Location:
+    """Parse a location string.
+
+    Raises:
+        InvalidURIError: unsupported scheme, bad bucket name, a host in a ``file://`` URI, ``..`` or
+            control characters in the path.
+    """
+    if not isinstance(uri, str) or not uri:
+        raise InvalidURIError("the storage location is empty; give a path, file:///path or s3://bucket/prefix")
+    if len(uri) > MAX_URI or "\x00" in uri:
+        raise InvalidURIError(f"the storage location {uri[:60]!r}... is too long or has a NUL byte")
+    if "://" not in uri:
+        return _local(os.path.abspath(os.path.expanduser(uri)), uri)
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidURIError(
+                f"Checkpoint/savepoint path '{uri}' is not a valid file URI: host {parts.netloc!r} given; "
+                "use file:///absolute/path"
+            )
+        if parts.query or parts.fragment:
+            raise InvalidURIError(f"file URI '{uri}' has a query or fragment; give only a path")
+        return _local(unquote(parts.path) or "/", uri)
+    if scheme == "s3":
+        bucket = parts.netloc
+        if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+            raise InvalidURIError(
+                f"'{uri}': {bucket!r} is not a valid S3 bucket name (3-63 characters: lowercase letters, "
+                "digits, '.', '-')"
+            )
+        if parts.query or parts.fragment:
+            raise InvalidURIError(f"S3 URI '{uri}' has a query or fragment; give s3://bucket/prefix")
+        prefix = unquote(parts.path).strip("/")
+        return Location("s3", bucket, _checked(prefix, uri))
+    raise InvalidURIError(f"unsupported storage scheme {parts.scheme!r} in '{uri}'; use a path, file:// or s3://")
+
+
+def _checked(path: str, uri: str) -> str:
+    if not path:
+        return ""
+    try:
+        return validate_key(re.sub(r"/{2,}", "/", path))
+    except InvalidURIError as exc:
+        raise InvalidURIError(f"'{uri}': {exc}") from exc
+
+
+def _local(path: str, uri: str) -> Location:
+    if not os.path.isabs(path):
+        raise InvalidURIError(f"'{uri}': a file location must be an absolute path")
+    return Location("file", "", _checked(os.path.normpath(path).strip("/"), uri))
+
+
+def open_store(location: Location, *, endpoint_url: str | None = None, fsync: bool = True) -> ObjectStore:
+    """The object store for a location's container (filesystem root or bucket)."""
+    if location.scheme == "s3":
+        return S3ObjectStore(location.bucket, "", endpoint_url=endpoint_url)
+    return LocalObjectStore("/", fsync=fsync)
+
+
+def open_storage(
+    uri: str,
+    *,
+    endpoint_url: str | None = None,
+    options: StreamOptions | None = None,
+    savepoint_dir: str = "savepoints",
+) -> CheckpointStorage:
+    """Checkpoint storage rooted at a location: ``"/path"``, ``"file:///path"`` or ``"s3://bucket/prefix"``.
+
+    Args:
+        uri: the location.
+        endpoint_url: S3 endpoint override (else boto3's configuration and ``AWS_ENDPOINT_URL``).
+        options: how state streams are written (inline threshold, compression).
+        savepoint_dir: the savepoints directory under the location.
+
+    Raises:
+        InvalidURIError: the location cannot be parsed.
+    """
+    location = parse_location(uri)
+    store = open_store(location, endpoint_url=endpoint_url)
+    return CheckpointStorage(store, location.path, options=options, savepoint_dir=savepoint_dir)
