@@ -310,8 +310,8 @@ class StateFileReader:
         return raw
 
     def _blocks(self, reader: ObjectReader, offset: int, end: int | None, hasher: xxhash.xxh3_64 | None,
-                trailer: list[tuple[int, int, int]] | None) -> Iterator[bytes]:  # fmt: skip
-        """Yield raw blocks from ``offset`` until ``end`` (exclusive) or the trailer."""
+                trailer: list[tuple[int, int, int]] | None) -> Iterator[tuple[int, bytes]]:  # fmt: skip
+        """Yield (file offset, raw block) from ``offset`` until ``end`` (exclusive) or the trailer."""
         while end is None or offset < end:
             head = _read_exact(reader, BLOCK_HEADER.size)
             if len(head) < BLOCK_HEADER.size:
@@ -335,13 +335,15 @@ class StateFileReader:
                 raise self._error(offset, f"block payload truncated ({len(stored)} of {stored_len} bytes)")
             if hasher is not None:
                 hasher.update(stored)
-            yield self._decode(offset, raw_len, digest, stored)
+            yield offset, self._decode(offset, raw_len, digest, stored)
             offset += BLOCK_HEADER.size + stored_len
         if end is not None and offset != end:
             raise self._error(offset, f"key-group range ends inside a block (expected a block boundary at {end})")
 
-    def iter_range(self, start: int, end: int | None = None) -> Iterator[bytes]:
-        """Yield the raw blocks stored between two block boundaries (``end=None``: up to the trailer).
+    def iter_range_with_offsets(self, start: int, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(file offset, raw block)`` for the blocks between two block boundaries.
+
+        ``end=None`` reads up to the trailer.
 
         Only that range is read (one ranged GET on S3). Block checksums are verified; the whole-file
         checksum is not, because only part of the file is read.
@@ -357,6 +359,11 @@ class StateFileReader:
             yield from self._blocks(reader, start, end, None, None)
         finally:
             reader.close()
+
+    def iter_range(self, start: int, end: int | None = None) -> Iterator[bytes]:
+        """Like :meth:`iter_range_with_offsets`, yielding only the raw blocks."""
+        for _, raw in self.iter_range_with_offsets(start, end):
+            yield raw
 
     def iter_blocks(self) -> Iterator[bytes]:
         """Yield every raw block in order, then check the trailer, size and whole-file checksum.
@@ -374,7 +381,7 @@ class StateFileReader:
             trailer: list[tuple[int, int, int]] = []
             blocks = 0
             raw_total = 0
-            for raw in self._blocks(reader, FILE_HEADER.size, None, hasher, trailer):
+            for _, raw in self._blocks(reader, FILE_HEADER.size, None, hasher, trailer):
                 blocks += 1
                 raw_total += len(raw)
                 yield raw

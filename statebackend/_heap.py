@@ -1,0 +1,103 @@
+"""The heap engine: one dict per key group, copy-on-write per key group for snapshots.
+
+Values are immutable ``bytes``, so a snapshot only needs the dicts as they are: taking one records a
+reference to every key group's dict and marks them shared; the first write to a shared key group
+afterwards copies that key group's dict (a shallow copy of bytes). The snapshot therefore sees
+exactly the state at the moment it was taken while processing continues, at the cost of one
+key-group copy per written key group per snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from statebackend._kv import KVSnapshot, KVStore
+
+__all__ = ["HeapKV"]
+
+
+def _kg(key: bytes) -> int:
+    return (key[0] << 8) | key[1]
+
+
+class _HeapSnapshot(KVSnapshot):
+    def __init__(self, maps: dict[int, dict[bytes, bytes]]) -> None:
+        self._maps: dict[int, dict[bytes, bytes]] | None = maps
+
+    def iter_key_group(self, key_group: int) -> Iterator[tuple[bytes, bytes]]:
+        maps = self._maps
+        if maps is None:
+            raise RuntimeError("snapshot already released")
+        m = maps.get(key_group)
+        if m:
+            yield from sorted(m.items())
+
+    def release(self) -> None:
+        self._maps = None
+
+
+class HeapKV(KVStore):
+    """Entries in plain dicts (for small state and tests)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[int, dict[bytes, bytes]] = {}
+        self._shared: set[int] = set()
+
+    def _writable(self, kg: int) -> dict[bytes, bytes]:
+        m = self._maps.get(kg)
+        if m is None:
+            m = self._maps[kg] = {}
+        elif kg in self._shared:
+            m = self._maps[kg] = dict(m)
+            self._shared.discard(kg)
+        return m
+
+    def get(self, key: bytes) -> bytes | None:
+        m = self._maps.get(_kg(key))
+        return None if m is None else m.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._writable(_kg(key))[key] = value
+
+    def delete(self, key: bytes) -> None:
+        kg = _kg(key)
+        m = self._maps.get(kg)
+        if m is not None and key in m:
+            del self._writable(kg)[key]
+
+    def append(self, key: bytes, data: bytes) -> None:
+        m = self._writable(_kg(key))
+        m[key] = m.get(key, b"") + data
+
+    def scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        m = self._maps.get(_kg(prefix))
+        if not m:
+            return []
+        return sorted((k, v) for k, v in m.items() if k.startswith(prefix))
+
+    def delete_prefix(self, prefix: bytes) -> int:
+        kg = _kg(prefix)
+        m = self._maps.get(kg)
+        if not m:
+            return 0
+        doomed = [k for k in m if k.startswith(prefix)]
+        if doomed:
+            m = self._writable(kg)
+            for k in doomed:
+                del m[k]
+        return len(doomed)
+
+    def snapshot(self) -> KVSnapshot:
+        self._shared = set(self._maps)
+        return _HeapSnapshot(dict(self._maps))
+
+    def bulk_load(self, items: Iterable[tuple[bytes, bytes]]) -> int:
+        n = 0
+        for key, value in items:
+            self._writable(_kg(key))[key] = value
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self._maps = {}
+        self._shared = set()

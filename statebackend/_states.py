@@ -1,0 +1,343 @@
+"""Value, list, map, reducing and aggregating state over a KV engine, with TTL.
+
+Composite keys (``docs/format.md``, "keyed state entries")::
+
+    >H key group | >H state id | >H key length | key | >H namespace length | namespace | [map user key]
+
+Stored values: the serializer's bytes, preceded by ``>q`` last-update ms when the state has a TTL.
+A list is one value made of frames ``[>q ts] >I length | element`` so appending never reads the list
+(the engines merge appends). A map stores one KV entry per user key, so its entries iterate in the
+byte order of the serialized user keys.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from statebackend.errors import StateError
+from statebackend.serializers import Serializer
+from statebackend.state import (
+    AggregatingState,
+    AggregatingStateDescriptor,
+    ListState,
+    MapState,
+    MapStateDescriptor,
+    ReducingState,
+    ReducingStateDescriptor,
+    State,
+    StateDescriptor,
+    StateKind,
+    ValueState,
+    ValueStateDescriptor,
+)
+from statebackend.ttl import TTL_HEADER, StateVisibility, TtlConfig, TtlUpdate
+
+if TYPE_CHECKING:
+    from statebackend.keyed import KVKeyedStateBackend
+
+__all__ = ["make_state", "split_frames", "ttl_filter"]
+
+_U16 = struct.Struct(">H")
+_FRAME = struct.Struct(">I")
+_TS = TTL_HEADER
+_TS_FRAME = struct.Struct(">qI")
+_EMPTY_NAMESPACE = _U16.pack(0)
+
+
+def split_frames(raw: bytes, with_ttl: bool) -> list[tuple[int, bytes]]:
+    """Decode a stored list into ``(timestamp, element bytes)`` (timestamp 0 without TTL).
+
+    Raises:
+        StateError: the stored bytes are not a sequence of complete frames.
+    """
+    out: list[tuple[int, bytes]] = []
+    pos, end = 0, len(raw)
+    head = _TS_FRAME if with_ttl else _FRAME
+    while pos < end:
+        if end - pos < head.size:
+            raise StateError(f"list state value is truncated at byte {pos} of {end}")
+        if with_ttl:
+            ts, n = _TS_FRAME.unpack_from(raw, pos)
+        else:
+            ts, (n,) = 0, _FRAME.unpack_from(raw, pos)
+        pos += head.size
+        if end - pos < n:
+            raise StateError(f"list state element at byte {pos} claims {n} bytes, {end - pos} left")
+        out.append((ts, raw[pos : pos + n]))
+        pos += n
+    return out
+
+
+def _frame(payload: bytes, ts: int | None) -> bytes:
+    if ts is None:
+        return _FRAME.pack(len(payload)) + payload
+    return _TS_FRAME.pack(ts, len(payload)) + payload
+
+
+class _Base(State):
+    """Shared plumbing: the composite key of the current key, TTL wrapping and unwrapping."""
+
+    def __init__(self, backend: KVKeyedStateBackend, sid: int, descriptor: StateDescriptor[Any]) -> None:
+        self._b = backend
+        self._kv = backend.kv
+        self._get = backend.kv.get
+        self._put = backend.kv.put
+        self._sid = _U16.pack(sid)
+        self._ns = _EMPTY_NAMESPACE
+        self._last_key_part = b""
+        self._last_key = b""
+        self._ser: Serializer[Any] = descriptor.serializer
+        self._ttl: TtlConfig | None = descriptor.ttl
+        self.name = descriptor.name
+
+    def set_namespace(self, namespace: bytes) -> None:
+        if len(namespace) > 0xFFFF:
+            raise StateError(f"state {self.name!r}: namespace of {len(namespace)} bytes is over 65535")
+        self._ns = _U16.pack(len(namespace)) + namespace
+        self._last_key_part = b""
+
+    def _key(self) -> bytes:
+        """The composite key of the current key; cached until the key or namespace changes."""
+        b = self._b
+        key_part = b.key_part
+        if key_part is self._last_key_part:
+            if key_part:
+                return self._last_key
+            raise StateError(f"state {self.name!r} used with no current key; call set_current_key() first")
+        self._last_key_part = key_part
+        self._last_key = b.key_group_prefix + self._sid + key_part + self._ns
+        return self._last_key
+
+    def _wrap(self, payload: bytes) -> bytes:
+        if self._ttl is None:
+            return payload
+        return _TS.pack(self._b.clock()) + payload
+
+    def _unwrap(self, raw: bytes, key: bytes) -> bytes | None:
+        """The live payload of a stored value, applying TTL rules (may delete or refresh it)."""
+        ttl = self._ttl
+        if ttl is None:
+            return raw
+        (ts,) = _TS.unpack_from(raw)
+        now = self._b.clock()
+        if now >= ts + ttl.ttl_ms:
+            if ttl.visibility is StateVisibility.NEVER_RETURN_EXPIRED:
+                self._kv.delete(key)
+                return None
+            return raw[_TS.size :]
+        if ttl.update is TtlUpdate.ON_READ_AND_WRITE:
+            self._kv.put(key, _TS.pack(now) + raw[_TS.size :])
+        return raw[_TS.size :]
+
+    def clear(self) -> None:
+        self._kv.delete(self._key())
+
+
+class _Value(_Base, ValueState[Any]):
+    def __init__(self, backend: KVKeyedStateBackend, sid: int, descriptor: ValueStateDescriptor[Any]) -> None:
+        super().__init__(backend, sid, descriptor)
+        self._default = descriptor.default
+
+    def value(self) -> Any:
+        key = self._key()
+        raw = self._get(key)
+        if raw is None:
+            return self._default
+        if self._ttl is not None:
+            raw = self._unwrap(raw, key)
+            if raw is None:
+                return self._default
+        return self._ser.deserialize(raw)
+
+    def update(self, value: Any) -> None:
+        if value is None:
+            self.clear()
+        elif self._ttl is None:
+            self._put(self._key(), self._ser.serialize(value))
+        else:
+            self._put(self._key(), self._wrap(self._ser.serialize(value)))
+
+
+class _List(_Base, ListState[Any]):
+    def get(self) -> list[Any]:
+        key = self._key()
+        raw = self._kv.get(key)
+        if raw is None:
+            return []
+        ttl = self._ttl
+        if ttl is None:
+            return [self._ser.deserialize(p) for _, p in split_frames(raw, False)]
+        frames = split_frames(raw, True)
+        now = self._b.clock()
+        live = [(ts, p) for ts, p in frames if now < ts + ttl.ttl_ms]
+        never_expired = ttl.visibility is StateVisibility.NEVER_RETURN_EXPIRED
+        shown = live if never_expired else frames
+        rewrite = never_expired and len(live) != len(frames)
+        if ttl.update is TtlUpdate.ON_READ_AND_WRITE and live:
+            live = [(now, p) for _, p in live]
+            rewrite = True
+        if rewrite:
+            self._store(key, [p for _, p in live], [ts for ts, _ in live])
+        return [self._ser.deserialize(p) for _, p in shown]
+
+    def _store(self, key: bytes, payloads: list[bytes], stamps: list[int] | None = None) -> None:
+        if not payloads:
+            self._kv.delete(key)
+            return
+        if self._ttl is None:
+            self._kv.put(key, b"".join(_frame(p, None) for p in payloads))
+        else:
+            now = self._b.clock()
+            ts = stamps or [now] * len(payloads)
+            self._kv.put(key, b"".join(_frame(p, t) for p, t in zip(payloads, ts, strict=True)))
+
+    def add(self, value: Any) -> None:
+        ts = None if self._ttl is None else self._b.clock()
+        self._kv.append(self._key(), _frame(self._ser.serialize(value), ts))
+
+    def add_all(self, values: Iterable[Any]) -> None:
+        ts = None if self._ttl is None else self._b.clock()
+        data = b"".join(_frame(self._ser.serialize(v), ts) for v in values)
+        if data:
+            self._kv.append(self._key(), data)
+
+    def update(self, values: Iterable[Any]) -> None:
+        self._store(self._key(), [self._ser.serialize(v) for v in values])
+
+
+class _Map(_Base, MapState[Any, Any]):
+    def __init__(self, backend: KVKeyedStateBackend, sid: int, descriptor: MapStateDescriptor[Any, Any]) -> None:
+        super().__init__(backend, sid, descriptor)
+        self._key_ser: Serializer[Any] = descriptor.key_serializer
+
+    def _entry(self, user_key: Any) -> bytes:
+        return self._key() + self._key_ser.serialize(user_key)
+
+    def get(self, key: Any) -> Any:
+        entry = self._entry(key)
+        raw = self._kv.get(entry)
+        if raw is None:
+            return None
+        payload = self._unwrap(raw, entry)
+        return None if payload is None else self._ser.deserialize(payload)
+
+    def put(self, key: Any, value: Any) -> None:
+        self._kv.put(self._entry(key), self._wrap(self._ser.serialize(value)))
+
+    def put_all(self, items: Iterable[tuple[Any, Any]] | dict[Any, Any]) -> None:
+        pairs = items.items() if isinstance(items, dict) else items
+        for k, v in pairs:
+            self.put(k, v)
+
+    def remove(self, key: Any) -> None:
+        self._kv.delete(self._entry(key))
+
+    def contains(self, key: Any) -> bool:
+        entry = self._entry(key)
+        raw = self._kv.get(entry)
+        return raw is not None and self._unwrap(raw, entry) is not None
+
+    def _live(self) -> Iterator[tuple[bytes, bytes]]:
+        prefix = self._key()
+        for entry, raw in self._kv.scan(prefix):
+            payload = self._unwrap(raw, entry)
+            if payload is not None:
+                yield entry[len(prefix) :], payload
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        for uk, payload in self._live():
+            yield self._key_ser.deserialize(uk), self._ser.deserialize(payload)
+
+    def keys(self) -> Iterator[Any]:
+        for uk, _ in self._live():
+            yield self._key_ser.deserialize(uk)
+
+    def values(self) -> Iterator[Any]:
+        for _, payload in self._live():
+            yield self._ser.deserialize(payload)
+
+    def is_empty(self) -> bool:
+        return next(self._live(), None) is None
+
+    def clear(self) -> None:
+        self._kv.delete_prefix(self._key())
+
+
+class _Reducing(_Base, ReducingState[Any]):
+    def __init__(self, backend: KVKeyedStateBackend, sid: int, descriptor: ReducingStateDescriptor[Any]) -> None:
+        super().__init__(backend, sid, descriptor)
+        self._reduce = descriptor.reduce_function
+
+    def _current(self, key: bytes) -> Any:
+        raw = self._kv.get(key)
+        if raw is None:
+            return None
+        payload = self._unwrap(raw, key)
+        return None if payload is None else self._ser.deserialize(payload)
+
+    def get(self) -> Any:
+        return self._current(self._key())
+
+    def add(self, value: Any) -> None:
+        key = self._key()
+        current = self._current(key)
+        result = value if current is None else self._reduce(current, value)
+        self._kv.put(key, self._wrap(self._ser.serialize(result)))
+
+
+class _Aggregating(_Base, AggregatingState[Any, Any]):
+    def __init__(
+        self, backend: KVKeyedStateBackend, sid: int, descriptor: AggregatingStateDescriptor[Any, Any, Any]
+    ) -> None:
+        super().__init__(backend, sid, descriptor)
+        self._fn = descriptor.aggregate_function
+
+    def _accumulator(self, key: bytes) -> Any:
+        raw = self._kv.get(key)
+        if raw is None:
+            return None
+        payload = self._unwrap(raw, key)
+        return None if payload is None else self._ser.deserialize(payload)
+
+    def get(self) -> Any:
+        acc = self._accumulator(self._key())
+        return None if acc is None else self._fn.get_result(acc)
+
+    def add(self, value: Any) -> None:
+        key = self._key()
+        acc = self._accumulator(key)
+        if acc is None:
+            acc = self._fn.create_accumulator()
+        self._kv.put(key, self._wrap(self._ser.serialize(self._fn.add(value, acc))))
+
+
+def make_state(backend: KVKeyedStateBackend, sid: int, descriptor: StateDescriptor[Any]) -> State:
+    """The state object for a descriptor's kind."""
+    if isinstance(descriptor, ValueStateDescriptor):
+        return _Value(backend, sid, descriptor)
+    if isinstance(descriptor, MapStateDescriptor):
+        return _Map(backend, sid, descriptor)
+    if isinstance(descriptor, ReducingStateDescriptor):
+        return _Reducing(backend, sid, descriptor)
+    if isinstance(descriptor, AggregatingStateDescriptor):
+        return _Aggregating(backend, sid, descriptor)
+    if descriptor.kind is StateKind.LIST:
+        return _List(backend, sid, descriptor)
+    raise StateError(f"state {descriptor.name!r}: unsupported descriptor type {type(descriptor).__name__}")
+
+
+def ttl_filter(kind: StateKind, ttl: TtlConfig, now: int, value: bytes) -> bytes | None:
+    """A stored value with its expired parts removed (``None`` if nothing is left alive).
+
+    Used when snapshotting with ``cleanup_in_snapshot`` and by ``purge_expired``.
+    """
+    if kind is StateKind.LIST:
+        frames = split_frames(value, True)
+        live = [(ts, p) for ts, p in frames if now < ts + ttl.ttl_ms]
+        if len(live) == len(frames):
+            return value
+        return b"".join(_frame(p, ts) for ts, p in live) or None
+    (ts,) = _TS.unpack_from(value)
+    return value if now < ts + ttl.ttl_ms else None

@@ -1,0 +1,287 @@
+"""Serializers: how keys, values and namespaces become bytes.
+
+Every serializer has a stable ``name`` that is written into snapshots, so tools can decode state
+without running the job and a restore can check it reads what was written. Serializers whose
+``safe`` flag is true can decode untrusted bytes (``keystate dump`` uses only those); ``pickle`` is
+never decoded by the tools unless the user passes an explicit unsafe flag.
+
+Defaults: keys use :class:`KeySerializer` (deterministic and type-tagged, so the key-group hash of a
+key never changes across processes or Python versions); values use :class:`PickleSerializer` for
+generality (like Flink's Kryo fallback); choose ``json``/``int64``/``str``/``bytes`` for state you
+want to read with the tools.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import struct
+from abc import ABC, abstractmethod
+from typing import Any, Generic, TypeVar
+
+from statebackend.errors import SerializationError
+
+__all__ = [
+    "BytesSerializer",
+    "FloatSerializer",
+    "IntSerializer",
+    "JsonSerializer",
+    "KeySerializer",
+    "PickleSerializer",
+    "Serializer",
+    "StrSerializer",
+    "safe_serializer",
+]
+
+T = TypeVar("T")
+
+_I64 = struct.Struct(">Q")  # sortable int64: two's complement with the sign bit flipped
+_F64 = struct.Struct(">d")
+_U16 = struct.Struct(">H")
+_SIGN = 1 << 63
+
+
+class Serializer(ABC, Generic[T]):
+    """Turns values into bytes and back. Implementations must be deterministic and thread-safe."""
+
+    name: str = ""
+    """Stable identifier written into snapshots."""
+    safe: bool = True
+    """Whether :meth:`deserialize` is safe on untrusted bytes."""
+
+    @abstractmethod
+    def serialize(self, value: T) -> bytes: ...
+
+    @abstractmethod
+    def deserialize(self, data: bytes) -> T: ...
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class BytesSerializer(Serializer[bytes]):
+    """Bytes as they are."""
+
+    name = "bytes"
+
+    def serialize(self, value: bytes | bytearray | memoryview) -> bytes:
+        if value.__class__ is bytes:
+            return value  # exactly bytes: no copy
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise SerializationError(f"bytes serializer expects bytes, found {type(value).__name__}")
+        return bytes(value)
+
+    def deserialize(self, data: bytes) -> bytes:
+        return bytes(data)
+
+
+class StrSerializer(Serializer[str]):
+    """UTF-8 text."""
+
+    name = "str"
+
+    def serialize(self, value: str) -> bytes:
+        if not isinstance(value, str):
+            raise SerializationError(f"str serializer expects str, found {type(value).__name__}")
+        return value.encode("utf-8")
+
+    def deserialize(self, data: bytes) -> str:
+        try:
+            return bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SerializationError(f"str serializer: stored bytes are not UTF-8 ({exc})") from exc
+
+
+class IntSerializer(Serializer[int]):
+    """A signed 64-bit integer, 8 bytes big-endian with the sign bit flipped (byte order = numeric order)."""
+
+    name = "int64"
+
+    def serialize(self, value: int) -> bytes:
+        if isinstance(value, bool) or not isinstance(value, int) or not -_SIGN <= value < _SIGN:
+            raise SerializationError(f"int64 serializer expects an int in [-2**63, 2**63), found {value!r}")
+        return _I64.pack(value ^ _SIGN if value >= 0 else value + _SIGN)
+
+    def deserialize(self, data: bytes) -> int:
+        if len(data) != 8:
+            raise SerializationError(f"int64 serializer: expected 8 bytes, found {len(data)}")
+        raw: int = _I64.unpack(data)[0]
+        return raw ^ _SIGN if raw >= _SIGN else raw - _SIGN
+
+
+class FloatSerializer(Serializer[float]):
+    """An IEEE-754 double, 8 bytes big-endian."""
+
+    name = "float64"
+
+    def serialize(self, value: float) -> bytes:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SerializationError(f"float64 serializer expects a float, found {type(value).__name__}")
+        return _F64.pack(value)
+
+    def deserialize(self, data: bytes) -> float:
+        if len(data) != 8:
+            raise SerializationError(f"float64 serializer: expected 8 bytes, found {len(data)}")
+        return float(_F64.unpack(data)[0])
+
+
+class JsonSerializer(Serializer[Any]):
+    """JSON (UTF-8, compact, sorted keys): None, bool, int, float, str, lists and str-keyed dicts."""
+
+    name = "json"
+
+    def serialize(self, value: Any) -> bytes:
+        try:
+            return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"json serializer cannot encode {type(value).__name__}: {exc}") from exc
+
+    def deserialize(self, data: bytes) -> Any:
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, RecursionError) as exc:
+            raise SerializationError(f"json serializer: stored bytes are not valid JSON ({exc})") from exc
+
+
+class PickleSerializer(Serializer[Any]):
+    """Any picklable object (protocol 5). Not safe on untrusted bytes: the tools never decode it."""
+
+    name = "pickle"
+    safe = False
+
+    def serialize(self, value: Any) -> bytes:
+        try:
+            return pickle.dumps(value, protocol=5)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise SerializationError(f"pickle serializer cannot encode {type(value).__name__}: {exc}") from exc
+
+    def deserialize(self, data: bytes) -> Any:
+        try:
+            # State written by this job itself; the tools never decode pickle (not a safe serializer).
+            return pickle.loads(data)
+        except Exception as exc:
+            raise SerializationError(f"pickle serializer: cannot decode stored bytes ({exc})") from exc
+
+
+# Type tags of KeySerializer: the first byte of every encoded key (and of every tuple element).
+_TAG_NONE, _TAG_FALSE, _TAG_TRUE, _TAG_INT, _TAG_BIGINT, _TAG_FLOAT, _TAG_STR, _TAG_BYTES, _TAG_TUPLE = range(9)
+
+
+class KeySerializer(Serializer[Any]):
+    """The default key serializer: deterministic, type-tagged bytes for None, bool, int, float, str,
+    bytes and tuples of those (``key-v1``).
+
+    Layout: one tag byte, then ``int`` as sortable int64 (ints outside int64: tag 4, ``>H`` length,
+    signed big-endian bytes), ``float`` as ``>d`` (NaN rejected), ``str`` as UTF-8, ``bytes`` raw,
+    ``tuple`` as a sequence of ``>H`` length + encoded element. The same key always gives the same
+    bytes, so its key group never changes; ``1``, ``1.0``, ``True`` and ``"1"`` are different keys.
+    """
+
+    name = "key-v1"
+
+    def serialize(self, value: Any) -> bytes:
+        t = type(value)
+        if t is str:
+            text: str = value
+            return b"\x06" + text.encode("utf-8")
+        if t is int:
+            if -_SIGN <= value < _SIGN:
+                return b"\x03" + _I64.pack(value ^ _SIGN if value >= 0 else value + _SIGN)
+            big: int = value
+            raw = big.to_bytes((big.bit_length() + 8) // 8, "big", signed=True)
+            return b"\x04" + _U16.pack(len(raw)) + raw
+        if t is bytes:
+            raw_key: bytes = value
+            return b"\x07" + raw_key
+        if value is None:
+            return b"\x00"
+        if t is bool:
+            return b"\x02" if value else b"\x01"
+        if t is float:
+            if math.isnan(value):
+                raise SerializationError("NaN cannot be a key (it is not equal to itself)")
+            return b"\x05" + _F64.pack(value)
+        if t is tuple:
+            parts = [b"\x08"]
+            for element in value:
+                encoded = self.serialize(element)
+                parts.append(_U16.pack(len(encoded)))
+                parts.append(encoded)
+            return b"".join(parts)
+        raise SerializationError(
+            f"the default key serializer handles None, bool, int, float, str, bytes and tuples; found "
+            f"{t.__name__}: give the descriptor or backend a key serializer for it"
+        )
+
+    def deserialize(self, data: bytes) -> Any:
+        value, end = self._decode(bytes(data), 0, len(data))
+        if end != len(data):
+            raise SerializationError(f"key-v1: {len(data) - end} trailing bytes after the key")
+        return value
+
+    def _decode(self, data: bytes, pos: int, end: int) -> tuple[Any, int]:
+        if pos >= end:
+            raise SerializationError("key-v1: empty key bytes")
+        tag = data[pos]
+        pos += 1
+        if tag == _TAG_NONE:
+            return None, pos
+        if tag in (_TAG_FALSE, _TAG_TRUE):
+            return tag == _TAG_TRUE, pos
+        if tag == _TAG_INT:
+            if end - pos < 8:
+                raise SerializationError("key-v1: truncated int")
+            (raw,) = _I64.unpack_from(data, pos)
+            return (raw ^ _SIGN if raw >= _SIGN else raw - _SIGN), pos + 8
+        if tag == _TAG_BIGINT:
+            if end - pos < 2:
+                raise SerializationError("key-v1: truncated big int")
+            (n,) = _U16.unpack_from(data, pos)
+            if end - pos - 2 < n:
+                raise SerializationError("key-v1: truncated big int")
+            return int.from_bytes(data[pos + 2 : pos + 2 + n], "big", signed=True), pos + 2 + n
+        if tag == _TAG_FLOAT:
+            if end - pos < 8:
+                raise SerializationError("key-v1: truncated float")
+            return _F64.unpack_from(data, pos)[0], pos + 8
+        if tag == _TAG_STR:
+            try:
+                return data[pos:end].decode("utf-8"), end
+            except UnicodeDecodeError as exc:
+                raise SerializationError(f"key-v1: string key is not UTF-8 ({exc})") from exc
+        if tag == _TAG_BYTES:
+            return data[pos:end], end
+        if tag == _TAG_TUPLE:
+            items: list[Any] = []
+            while pos < end:
+                if end - pos < 2:
+                    raise SerializationError("key-v1: truncated tuple element length")
+                (n,) = _U16.unpack_from(data, pos)
+                pos += 2
+                if end - pos < n:
+                    raise SerializationError("key-v1: truncated tuple element")
+                item, used = self._decode(data, pos, pos + n)
+                if used != pos + n:
+                    raise SerializationError("key-v1: tuple element has trailing bytes")
+                items.append(item)
+                pos += n
+            return tuple(items), pos
+        raise SerializationError(f"key-v1: unknown type tag {tag}")
+
+
+_SAFE: dict[str, Serializer[Any]] = {
+    s.name: s for s in (BytesSerializer(), StrSerializer(), IntSerializer(), FloatSerializer(), JsonSerializer(),
+                        KeySerializer())
+}  # fmt: skip
+
+
+def safe_serializer(name: str) -> Serializer[Any] | None:
+    """The built-in serializer with this name if it is safe on untrusted bytes, else ``None``."""
+    return _SAFE.get(name)
