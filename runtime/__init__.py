@@ -1,1 +1,95 @@
-"""keystate runtime."""
+"""keystate runtime: a small asyncio stream processor with Flink's FLIP-147 semantics.
+
+::
+
+    job = JobGraph("orders")
+    orders = job.source(SequenceSource(10_000), uid="orders", parallelism=2)
+    orders.key_by(lambda n: n % 10).process(MyCounter(), uid="counts").sink(
+        TransactionalFileSink("./out"), uid="sink")
+    result = asyncio.run(run_job(job, JobConfig(checkpoint=CheckpointConfig(interval=0.5))))
+"""
+
+from runtime.config import CheckpointConfig, JobConfig, RestartStrategy
+from runtime.coordinator import CheckpointCoordinator, CheckpointFailureReason, SubtaskSnapshot
+from runtime.errors import (
+    ChannelClosedError,
+    CheckpointFailedError,
+    IncompatibleRestoreError,
+    JobError,
+    JobFailedError,
+    JobGraphError,
+    StopWithSavepointError,
+    TaskFailedError,
+)
+from runtime.events import MAX_WATERMARK, Barrier, CheckpointOptions, EndOfData, StopMode, Watermark
+from runtime.execution import JobClient, JobResult, JobStatus, load_checkpoint, run_job, submit
+from runtime.graph import DataStream, InputSpec, JobGraph, KeyedStream, OperatorSpec
+from runtime.operators import (
+    FilterOperator,
+    FlatMapOperator,
+    KeyedProcessFunction,
+    KeyedProcessOperator,
+    MapOperator,
+    Operator,
+    OperatorContext,
+)
+from runtime.plan import CheckpointPlan, SubtaskId, SubtaskStatus, calculate_plan
+from runtime.restore_rules import RULES, RestoreReport, Violation, check_restore
+from runtime.sinks import TransactionalFileSink, TwoPhaseCommitSink
+from runtime.sources import GeneratorSource, SequenceSource, Source, SourceOperator, SplitReader
+
+__all__ = [
+    "MAX_WATERMARK",
+    "RULES",
+    "Barrier",
+    "ChannelClosedError",
+    "CheckpointConfig",
+    "CheckpointCoordinator",
+    "CheckpointFailedError",
+    "CheckpointFailureReason",
+    "CheckpointOptions",
+    "CheckpointPlan",
+    "DataStream",
+    "EndOfData",
+    "FilterOperator",
+    "FlatMapOperator",
+    "GeneratorSource",
+    "IncompatibleRestoreError",
+    "InputSpec",
+    "JobClient",
+    "JobConfig",
+    "JobError",
+    "JobFailedError",
+    "JobGraph",
+    "JobGraphError",
+    "JobResult",
+    "JobStatus",
+    "KeyedProcessFunction",
+    "KeyedProcessOperator",
+    "KeyedStream",
+    "MapOperator",
+    "Operator",
+    "OperatorContext",
+    "OperatorSpec",
+    "RestartStrategy",
+    "RestoreReport",
+    "SequenceSource",
+    "Source",
+    "SourceOperator",
+    "SplitReader",
+    "StopMode",
+    "StopWithSavepointError",
+    "SubtaskId",
+    "SubtaskSnapshot",
+    "SubtaskStatus",
+    "TaskFailedError",
+    "TransactionalFileSink",
+    "TwoPhaseCommitSink",
+    "Violation",
+    "Watermark",
+    "calculate_plan",
+    "check_restore",
+    "load_checkpoint",
+    "run_job",
+    "submit",
+]

@@ -1,0 +1,86 @@
+"""Job configuration: state backend, checkpointing (Flink's options and defaults), restarts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from statebackend.backends import StateBackend
+
+__all__ = ["CheckpointConfig", "JobConfig", "RestartStrategy"]
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpointing, after Flink's ``execution.checkpointing.*`` options.
+
+    Attributes:
+        interval: seconds between periodic checkpoints; ``None`` disables checkpointing.
+        storage: checkpoint location: a path, ``file://`` or ``s3://bucket/prefix`` URI.
+        timeout: seconds before a pending checkpoint expires (Flink default 10 min).
+        min_pause: minimum seconds between the end of one checkpoint and the next periodic one.
+        max_concurrent: pending checkpoints at once (Flink default 1).
+        tolerable_failed_checkpoints: counted failures tolerated before the job fails (default 0).
+        num_retained: completed checkpoints kept (default 1); savepoints are never deleted.
+        checkpoints_after_tasks_finish: FLIP-147 (default on): keep checkpointing after some tasks
+            finish, and let tasks wait for a final checkpoint before they terminate.
+        inline_threshold: state streams up to this many bytes are inlined in ``_metadata``.
+        endpoint_url: S3 endpoint override (else ``AWS_ENDPOINT_URL``).
+    """
+
+    interval: float | None = None
+    storage: str = "./checkpoints"
+    timeout: float = 600.0
+    min_pause: float = 0.0
+    max_concurrent: int = 1
+    tolerable_failed_checkpoints: int = 0
+    num_retained: int = 1
+    checkpoints_after_tasks_finish: bool = True
+    inline_threshold: int = 20 * 1024
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.interval is not None and self.interval <= 0:
+            raise ValueError(f"checkpoint interval must be positive seconds or None, found {self.interval}")
+        if self.timeout <= 0 or self.min_pause < 0:
+            raise ValueError("checkpoint timeout must be positive and min_pause non-negative")
+        if self.max_concurrent < 1 or self.num_retained < 1 or self.tolerable_failed_checkpoints < 0:
+            raise ValueError("max_concurrent and num_retained must be >= 1, tolerable_failed_checkpoints >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval is not None
+
+
+@dataclass(frozen=True)
+class RestartStrategy:
+    """Fixed-delay restarts: on a task failure the whole job restarts from the latest checkpoint."""
+
+    max_attempts: int = 3
+    delay: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 0 or self.delay < 0:
+            raise ValueError("max_attempts and delay must be non-negative")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything a job run needs besides its graph.
+
+    Attributes:
+        state_backend: ``"lmdb"`` (default), ``"heap"``, or a configured :class:`StateBackend`.
+        checkpoint: checkpointing options.
+        restart: restart strategy.
+        channel_capacity: record batches buffered per channel before the sender waits (backpressure).
+        batch_size: records per batch sent over a channel.
+    """
+
+    state_backend: str | StateBackend = "lmdb"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    restart: RestartStrategy = field(default_factory=RestartStrategy)
+    channel_capacity: int = 8
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.channel_capacity < 1 or self.batch_size < 1:
+            raise ValueError("channel_capacity and batch_size must be at least 1")

@@ -1,0 +1,424 @@
+"""The checkpoint coordinator (Flink's ``CheckpointCoordinator`` with FLIP-147, reference B, C7, D, G, H, I).
+
+One checkpoint: compute the plan from task statuses -> trigger the planned tasks (finished tasks are
+recorded, not asked) -> collect one acknowledgement per awaited task -> fulfil the finished status
+(fully finished operators, finished-subtask markers, the union-list-state declines of D3) -> write
+``_metadata`` last and create-only -> add to retention -> notify the tasks that were running, so
+two-phase-commit sinks commit. A timeout, a decline, a storage error or a failed commit aborts the
+checkpoint: tasks are told, its files are removed, completed checkpoints are untouched, and counted
+failures beyond the tolerance fail the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from runtime.config import CheckpointConfig
+from runtime.errors import CheckpointFailedError, JobFailedError, StopWithSavepointError
+from runtime.events import CheckpointOptions
+from runtime.plan import CheckpointPlan, PlanRejectedError, SubtaskId, SubtaskStatus, calculate_plan
+from storage.checkpoints import CheckpointStorage, CheckpointWriter, CompletedCheckpoint
+from storage.errors import KeystateError
+from storage.metadata import (
+    CheckpointKind,
+    CheckpointMetadata,
+    CheckpointProperties,
+    KeyedStateHandle,
+    OperatorState,
+    OperatorStateHandle,
+    SubtaskState,
+)
+from storage.retention import CompletedCheckpointStore
+from storage.topology import Topology
+
+__all__ = ["CheckpointCoordinator", "CheckpointFailureReason", "SubtaskSnapshot", "TaskGateway"]
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointFailureReason(StrEnum):
+    """Why a checkpoint failed (Flink's ``CheckpointFailureReason``); ``counted`` ones use up the tolerance."""
+
+    NOT_ALL_REQUIRED_TASKS_RUNNING = "not_all_required_tasks_running"
+    TASK_CHECKPOINT_FAILURE = "task_checkpoint_failure"
+    CHECKPOINT_DECLINED = "checkpoint_declined"
+    CHECKPOINT_DECLINED_TASK_CLOSING = "checkpoint_declined_task_closing"
+    CHECKPOINT_ASYNC_EXCEPTION = "checkpoint_async_exception"
+    CHECKPOINT_EXPIRED = "checkpoint_expired"
+    FINALIZE_CHECKPOINT_FAILURE = "finalize_checkpoint_failure"
+    JOB_FAILOVER = "job_failover"
+    COORDINATOR_SHUTDOWN = "coordinator_shutdown"
+
+    @property
+    def counted(self) -> bool:
+        return self in (
+            CheckpointFailureReason.CHECKPOINT_DECLINED,
+            CheckpointFailureReason.CHECKPOINT_ASYNC_EXCEPTION,
+            CheckpointFailureReason.CHECKPOINT_EXPIRED,
+            CheckpointFailureReason.FINALIZE_CHECKPOINT_FAILURE,
+        )
+
+
+@dataclass(frozen=True)
+class SubtaskSnapshot:
+    """A task's acknowledgement: its state handles and FLIP-147 flags."""
+
+    keyed: tuple[KeyedStateHandle, ...] = ()
+    operator: tuple[OperatorStateHandle, ...] = ()
+    finished_operators: bool = False
+    """The task had finished its operators (endData) when it took this snapshot (``isTaskFinished``)."""
+    finished_on_restore: bool = False
+    """The task was deployed finished-on-restore (``FINISHED_ON_RESTORE``): it reports no state."""
+
+
+class TaskGateway(Protocol):
+    """What the coordinator needs from a task."""
+
+    @property
+    def status(self) -> SubtaskStatus: ...
+
+    def trigger_checkpoint(self, checkpoint_id: int, options: CheckpointOptions) -> bool:
+        """Ask a task with no running predecessor to checkpoint; False if it no longer runs."""
+
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None: ...
+
+    def notify_checkpoint_aborted(self, checkpoint_id: int) -> None: ...
+
+
+class PartialFinishingNotSupportedError(Exception):
+    """Union list state while only part of an operator's subtasks finished (reference D3)."""
+
+
+@dataclass
+class _Pending:
+    checkpoint_id: int
+    timestamp: int
+    options: CheckpointOptions
+    plan: CheckpointPlan
+    writer: CheckpointWriter
+    future: asyncio.Future[CompletedCheckpoint]
+    acks: dict[SubtaskId, SubtaskSnapshot] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
+    finalizing: bool = False
+
+
+class CheckpointCoordinator:
+    """Triggers, collects and completes checkpoints of one job (across its restarts).
+
+    Args:
+        job_id: the job.
+        topology: the job's topology with effective max parallelism per operator.
+        storage: checkpoint storage.
+        config: checkpointing options.
+        on_fatal: called with the error when checkpoint failures exceed the tolerance.
+        next_checkpoint_id: the first id to use (restored id + 1 after a restore).
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        topology: Topology,
+        storage: CheckpointStorage,
+        config: CheckpointConfig,
+        on_fatal: Callable[[BaseException], None],
+        next_checkpoint_id: int = 1,
+    ) -> None:
+        self.job_id = job_id
+        self.topology = topology
+        self.storage = storage
+        self.config = config
+        self.store = CompletedCheckpointStore(storage, job_id, config.num_retained)
+        self._on_fatal = on_fatal
+        self._next_id = next_checkpoint_id
+        self._tasks: dict[SubtaskId, TaskGateway] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._end_of_data: set[SubtaskId] = set()
+        self._final_requested = False
+        self._periodic_stopped = False
+        self._failures = 0
+        self._last_completion = 0.0
+        self._background: set[asyncio.Task[object]] = set()
+        self.listeners: list[Callable[[CompletedCheckpoint], None]] = []
+        self.failure_listeners: list[Callable[[int, CheckpointFailureReason, str], None]] = []
+        self.completed = 0
+        self.latest: CompletedCheckpoint | None = None
+
+    # --- tasks ---------------------------------------------------------------------------------------
+
+    def attach(self, tasks: dict[SubtaskId, TaskGateway]) -> None:
+        """Start coordinating a (new) deployment of the job's tasks."""
+        self._tasks = dict(tasks)
+        self._end_of_data.clear()  # restarted subtasks report end of data again (C7)
+        self._final_requested = False
+
+    def detach(self) -> None:
+        """The deployment is going away (failover, cancel): abort what is pending, uncounted."""
+        for pending in list(self._pending.values()):
+            self._abort(pending, CheckpointFailureReason.JOB_FAILOVER, "the job is failing over or stopping")
+        self._tasks = {}
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        self.detach()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # --- triggering ----------------------------------------------------------------------------------
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def writer_for(self, checkpoint_id: int) -> CheckpointWriter | None:
+        pending = self._pending.get(checkpoint_id)
+        return None if pending is None else pending.writer
+
+    async def trigger(self, options: CheckpointOptions | None = None) -> CompletedCheckpoint:
+        """Take a checkpoint (or savepoint) now and wait for it.
+
+        Raises:
+            CheckpointFailedError: it did not complete; ``reason`` says why.
+        """
+        options = options or CheckpointOptions()
+        loop = asyncio.get_running_loop()
+        statuses = {sub: task.status for sub, task in self._tasks.items()}
+        if not statuses:
+            raise CheckpointFailedError(
+                CheckpointFailureReason.NOT_ALL_REQUIRED_TASKS_RUNNING, "the job is not running"
+            )
+        try:
+            plan = calculate_plan(self.topology, statuses, allow_finished=self.config.checkpoints_after_tasks_finish)
+        except PlanRejectedError as exc:
+            raise CheckpointFailedError(CheckpointFailureReason.NOT_ALL_REQUIRED_TASKS_RUNNING, str(exc)) from exc
+        checkpoint_id = self._next_id
+        self._next_id += 1
+        if options.is_savepoint:
+            writer = self.storage.begin_savepoint(self.job_id, checkpoint_id)
+        else:
+            writer = self.storage.begin_checkpoint(self.job_id, checkpoint_id)
+        pending = _Pending(checkpoint_id, int(time.time() * 1000), options, plan, writer, loop.create_future())
+        self._pending[checkpoint_id] = pending
+        pending.timer = loop.call_later(self.config.timeout, self._expire, checkpoint_id)
+        log.debug("triggering %s %d on %s", "savepoint" if options.is_savepoint else "checkpoint", checkpoint_id,
+                  ", ".join(map(str, plan.tasks_to_trigger)))  # fmt: skip
+        for sub in plan.tasks_to_trigger:
+            if not self._tasks[sub].trigger_checkpoint(checkpoint_id, options):
+                # Reference B7: the task finished between planning and triggering.
+                self._abort(
+                    pending,
+                    CheckpointFailureReason.TASK_CHECKPOINT_FAILURE,
+                    f"task {sub} received a checkpoint request after it finished",
+                )
+                break
+        if not plan.tasks_to_wait_for and not pending.future.done():
+            self._spawn(self._finalize(pending), f"finalize-{checkpoint_id}")
+        return await pending.future
+
+    def _periodic_delay(self) -> float:
+        assert self.config.interval is not None
+        since = time.monotonic() - self._last_completion
+        return max(self.config.interval, self.config.min_pause - since)
+
+    async def run_periodic(self) -> None:
+        """Trigger checkpoints every ``interval`` (respecting min pause and max concurrent)."""
+        if self.config.interval is None:
+            return
+        while True:
+            await asyncio.sleep(self._periodic_delay())
+            if self._periodic_stopped or len(self._pending) >= self.config.max_concurrent:
+                continue
+            self._spawn(self._trigger_quietly(), "periodic-checkpoint")
+
+    async def _trigger_quietly(self, options: CheckpointOptions | None = None) -> None:
+        try:
+            await self.trigger(options)
+        except CheckpointFailedError as exc:
+            log.info("checkpoint failed: %s", exc)
+
+    def report_end_of_data(self, sub: SubtaskId) -> None:
+        """A subtask reached end of data (drain). When all did, checkpoint at once (reference C7)."""
+        self._end_of_data.add(sub)
+        if (
+            len(self._end_of_data) == len(self._tasks)
+            and self.config.enabled
+            and self.config.checkpoints_after_tasks_finish
+            and not self._periodic_stopped
+        ):
+            if self._pending:
+                self._final_requested = True
+            else:
+                self._spawn(self._trigger_quietly(), "final-checkpoint")
+
+    # --- acknowledgements ----------------------------------------------------------------------------
+
+    def acknowledge(self, sub: SubtaskId, checkpoint_id: int, snapshot: SubtaskSnapshot) -> None:
+        pending = self._pending.get(checkpoint_id)
+        if pending is None or pending.finalizing:
+            return  # late ack of an aborted checkpoint: its writer removed (or removes) the files
+        if sub not in pending.plan.tasks_to_wait_for or sub in pending.acks:
+            log.warning("unexpected acknowledgement of checkpoint %d from %s", checkpoint_id, sub)
+            return
+        pending.acks[sub] = snapshot
+        if len(pending.acks) == len(pending.plan.tasks_to_wait_for):
+            pending.finalizing = True
+            self._spawn(self._finalize(pending), f"finalize-{checkpoint_id}")
+
+    def decline(self, sub: SubtaskId, checkpoint_id: int, error: BaseException) -> None:
+        pending = self._pending.get(checkpoint_id)
+        if pending is not None and not pending.finalizing:
+            self._abort(
+                pending,
+                CheckpointFailureReason.CHECKPOINT_ASYNC_EXCEPTION,
+                f"task {sub} could not complete its snapshot: {error}",
+            )
+
+    def _expire(self, checkpoint_id: int) -> None:
+        pending = self._pending.get(checkpoint_id)
+        if pending is not None and not pending.finalizing:
+            missing = sorted(str(s) for s in pending.plan.tasks_to_wait_for - set(pending.acks))
+            self._abort(
+                pending,
+                CheckpointFailureReason.CHECKPOINT_EXPIRED,
+                f"checkpoint {checkpoint_id} expired before completing; not acknowledged by {', '.join(missing)}",
+            )
+
+    # --- completion ----------------------------------------------------------------------------------
+
+    def _build_metadata(self, pending: _Pending) -> CheckpointMetadata:
+        plan = pending.plan
+        on_restore = {sub.uid for sub, snap in pending.acks.items() if snap.finished_on_restore}
+        fully = plan.fully_finished_operators | on_restore
+        partly = {sub.uid for sub in plan.finished_tasks} - fully
+        finished_reports = Counter(sub.uid for sub, snap in pending.acks.items() if snap.finished_operators)
+        operators: list[OperatorState] = []
+        for op in self.topology.operators:
+            max_p = op.effective_max_parallelism
+            if op.uid in fully:
+                operators.append(OperatorState(op.uid, op.parallelism, max_p, op.inputs, fully_finished=True))
+                continue
+            subtasks: list[SubtaskState] = []
+            for index in range(op.parallelism):
+                sub = SubtaskId(op.uid, index)
+                if sub in plan.finished_tasks:
+                    subtasks.append(SubtaskState(index, finished=True))
+                    continue
+                snap = pending.acks.get(sub)
+                if snap is not None and (snap.keyed or snap.operator):
+                    subtasks.append(SubtaskState(index, keyed=snap.keyed, operator=snap.operator))
+            state = OperatorState(op.uid, op.parallelism, max_p, op.inputs, False, tuple(subtasks))
+            if state.uses_union_state():
+                if op.uid in partly:
+                    raise PartialFinishingNotSupportedError(
+                        f"The vertex {op.uid} (id = {op.uid}) has used UnionListState, but part of its tasks are "
+                        "FINISHED."
+                    )
+                if 0 < finished_reports[op.uid] != op.parallelism:
+                    raise PartialFinishingNotSupportedError(
+                        f"The vertex {op.uid} (id = {op.uid}) has used UnionListState, but part of its tasks has "
+                        "called operators' finish method."
+                    )
+            operators.append(state)
+        kind = CheckpointKind.SAVEPOINT if pending.options.is_savepoint else CheckpointKind.CHECKPOINT
+        properties = CheckpointProperties(pending.options.synchronous, pending.options.drain)
+        return CheckpointMetadata(
+            pending.checkpoint_id, self.job_id, kind, pending.timestamp, tuple(operators), properties
+        )
+
+    async def _finalize(self, pending: _Pending) -> None:
+        pending.finalizing = True
+        try:
+            metadata = self._build_metadata(pending)
+        except PartialFinishingNotSupportedError as exc:
+            self._abort(pending, CheckpointFailureReason.CHECKPOINT_DECLINED_TASK_CLOSING, str(exc))
+            return
+        try:
+            completed = await asyncio.to_thread(pending.writer.commit, metadata)
+        except (KeystateError, OSError) as exc:
+            self._abort(
+                pending,
+                CheckpointFailureReason.FINALIZE_CHECKPOINT_FAILURE,
+                f"Could not finalize the pending checkpoint {pending.checkpoint_id}: {exc}",
+            )
+            return
+        if self._pending.pop(pending.checkpoint_id, None) is None:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        self._failures = 0
+        self._last_completion = time.monotonic()
+        self.completed += 1
+        self.latest = completed
+        if completed.kind is CheckpointKind.CHECKPOINT:
+            await asyncio.to_thread(self.store.add, completed)
+        # Regular savepoints commit no side effects; checkpoints and stop-with-savepoint do (H1).
+        if not (pending.options.is_savepoint and not pending.options.synchronous):
+            for sub in sorted(pending.plan.tasks_to_commit_to):
+                task = self._tasks.get(sub)
+                if task is not None:
+                    task.notify_checkpoint_complete(pending.checkpoint_id)
+        for listener in self.listeners:
+            listener(completed)
+        if not pending.future.done():
+            pending.future.set_result(completed)
+        if self._final_requested and not self._pending:
+            self._final_requested = False
+            self._spawn(self._trigger_quietly(), "final-checkpoint")
+
+    def _abort(self, pending: _Pending, reason: CheckpointFailureReason, message: str) -> None:
+        if self._pending.pop(pending.checkpoint_id, None) is None:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        log.info("checkpoint %d aborted (%s): %s", pending.checkpoint_id, reason.value, message)
+        for sub in sorted(pending.plan.tasks_to_commit_to):
+            task = self._tasks.get(sub)
+            if task is not None:
+                task.notify_checkpoint_aborted(pending.checkpoint_id)
+        self._spawn(asyncio.to_thread(pending.writer.abort), f"abort-{pending.checkpoint_id}")
+        for listener in self.failure_listeners:
+            listener(pending.checkpoint_id, reason, message)
+        if not pending.future.done():
+            pending.future.set_exception(CheckpointFailedError(reason, message))
+            pending.future.exception()  # retrieved: awaiting callers still get it
+        if reason.counted:
+            self._failures += 1
+            if self._failures > self.config.tolerable_failed_checkpoints:
+                self._on_fatal(
+                    JobFailedError(f"Exceeded checkpoint tolerable failure threshold. Last failure: {message}")
+                )
+        if self._final_requested and not self._pending:
+            self._final_requested = False
+            self._spawn(self._trigger_quietly(), "final-checkpoint")
+
+    # --- savepoints ----------------------------------------------------------------------------------
+
+    async def trigger_savepoint(self) -> CompletedCheckpoint:
+        """A savepoint while the job keeps running (commits no side effects)."""
+        return await self.trigger(CheckpointOptions(CheckpointKind.SAVEPOINT))
+
+    async def stop_with_savepoint(self, *, drain: bool) -> CompletedCheckpoint:
+        """Stop the periodic scheduler and take the synchronous savepoint every task waits for (G1).
+
+        Raises:
+            StopWithSavepointError: the savepoint failed; the scheduler restarts.
+        """
+        self._periodic_stopped = True
+        while self._pending:
+            await asyncio.gather(*(p.future for p in list(self._pending.values())), return_exceptions=True)
+        try:
+            return await self.trigger(CheckpointOptions(CheckpointKind.SAVEPOINT, synchronous=True, drain=drain))
+        except CheckpointFailedError as exc:
+            self._periodic_stopped = False
+            raise StopWithSavepointError(f"Stop-with-savepoint failed: {exc}") from exc

@@ -1,0 +1,344 @@
+"""Running a job: deploy its tasks, coordinate checkpoints, fail over, stop with a savepoint.
+
+:func:`submit` starts a job on the running event loop and returns a :class:`JobClient`;
+:func:`run_job` runs one to completion. Every task runs in the attempt's ``asyncio.TaskGroup``; a
+task failure cancels the others and the job restarts from the latest completed checkpoint after the
+restart strategy's delay (a full failover, as Flink's full restart strategy), until the attempts are
+used up. A restore from a given checkpoint or savepoint first runs the restore rules
+(:mod:`runtime.restore_rules`) and refuses an incompatible topology before anything starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from enum import StrEnum
+
+from runtime.assignment import assign_state, effective_topology
+from runtime.channels import ChannelReceiver, ChannelSender, InputGate, open_channel
+from runtime.config import JobConfig
+from runtime.coordinator import CheckpointCoordinator, TaskGateway
+from runtime.errors import IncompatibleRestoreError, JobFailedError
+from runtime.graph import JobGraph
+from runtime.output import Output, OutputEdge
+from runtime.plan import SubtaskId, pointwise_targets
+from runtime.restore_rules import check_restore
+from runtime.task import Task, TaskRestore
+from statebackend.backends import StateBackend, state_backend
+from storage.checkpoints import CompletedCheckpoint
+from storage.streams import StreamOptions
+from storage.topology import Topology
+from storage.uri import open_storage
+
+__all__ = ["JobClient", "JobResult", "JobStatus", "load_checkpoint", "run_job", "submit"]
+
+log = logging.getLogger(__name__)
+
+
+class JobStatus(StrEnum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    status: JobStatus
+    attempts: int
+    checkpoints: int
+    """Completed checkpoints and savepoints."""
+    savepoint: CompletedCheckpoint | None = None
+    """The stop-with-savepoint savepoint, if the job was stopped with one."""
+    error: BaseException | None = None
+
+
+def load_checkpoint(location: str, *, endpoint_url: str | None = None) -> CompletedCheckpoint:
+    """The completed checkpoint or savepoint at ``location`` (a directory, its ``_metadata``, a job
+    directory or a storage root; path or URI)."""
+    return open_storage(location, endpoint_url=endpoint_url).resolve()
+
+
+class _Canceled(Exception):
+    pass
+
+
+class JobClient:
+    """Control of a submitted job."""
+
+    def __init__(self, execution: _Execution, runner: asyncio.Task[JobResult]) -> None:
+        self._execution = execution
+        self._runner = runner
+
+    @property
+    def job_id(self) -> str:
+        return self._execution.job_id
+
+    @property
+    def coordinator(self) -> CheckpointCoordinator:
+        return self._execution.coordinator
+
+    @property
+    def status(self) -> JobStatus:
+        return self._execution.status
+
+    @property
+    def topology(self) -> Topology:
+        return self._execution.topology
+
+    async def wait(self) -> JobResult:
+        return await asyncio.shield(self._runner)
+
+    async def trigger_checkpoint(self) -> CompletedCheckpoint:
+        return await self._execution.coordinator.trigger()
+
+    async def trigger_savepoint(self) -> CompletedCheckpoint:
+        return await self._execution.coordinator.trigger_savepoint()
+
+    async def stop_with_savepoint(self, *, drain: bool = True) -> CompletedCheckpoint:
+        """Stop the job with a savepoint (``drain``: finish() runs, as ``--drain``); waits for the job to end.
+
+        Raises:
+            StopWithSavepointError: the savepoint failed; the job keeps running or fails over.
+        """
+        savepoint = await self._execution.coordinator.stop_with_savepoint(drain=drain)
+        self._execution.savepoint = savepoint
+        await self.wait()
+        return savepoint
+
+    async def cancel(self) -> JobResult:
+        self._execution.request_stop(_Canceled("canceled by the user"))
+        return await self.wait()
+
+
+class _Execution:
+    def __init__(
+        self,
+        graph: JobGraph,
+        config: JobConfig,
+        job_id: str,
+        restore: CompletedCheckpoint | None,
+    ) -> None:
+        self.graph = graph
+        self.config = config
+        self.job_id = job_id
+        self.initial_restore = restore
+        self.topology = effective_topology(graph.topology(), restore)
+        ckpt = config.checkpoint
+        storage = open_storage(
+            ckpt.storage,
+            endpoint_url=ckpt.endpoint_url,
+            options=StreamOptions(inline_threshold=ckpt.inline_threshold),
+        )
+        self.backend: StateBackend = (
+            state_backend(config.state_backend) if isinstance(config.state_backend, str) else config.state_backend
+        )
+        self.coordinator = CheckpointCoordinator(
+            job_id=job_id,
+            topology=self.topology,
+            storage=storage,
+            config=ckpt,
+            on_fatal=self.request_stop,
+            next_checkpoint_id=(restore.checkpoint_id + 1) if restore is not None else 1,
+        )
+        self.status = JobStatus.RUNNING
+        self.savepoint: CompletedCheckpoint | None = None
+        self._stop_event = asyncio.Event()
+        self._stop_error: BaseException | None = None
+
+    def request_stop(self, error: BaseException) -> None:
+        if self._stop_error is None:
+            self._stop_error = error
+        self._stop_event.set()
+
+    # --- deployment ----------------------------------------------------------------------------------
+
+    def deploy(self, attempt: int, restore: dict[SubtaskId, TaskRestore]) -> dict[SubtaskId, Task]:
+        config = self.config
+        specs = self.graph.operators
+        max_p = {op.uid: op.effective_max_parallelism for op in self.topology.operators}
+        wakeups = {SubtaskId(uid, i): asyncio.Event() for uid, s in specs.items() for i in range(s.parallelism)}
+        receivers: dict[SubtaskId, list[ChannelReceiver]] = defaultdict(list)
+        inputs: dict[SubtaskId, list[int]] = defaultdict(list)
+        senders: dict[SubtaskId, list[tuple[int, str, dict[int, ChannelSender]]]] = defaultdict(list)
+        for spec in specs.values():
+            for k, inp in enumerate(spec.inputs):
+                up = specs[inp.source]
+                for j in range(up.parallelism):
+                    producer = SubtaskId(up.uid, j)
+                    if inp.partitioning.pointwise:
+                        targets = pointwise_targets(j, up.parallelism, spec.parallelism)
+                    else:
+                        targets = list(range(spec.parallelism))
+                    edge: dict[int, ChannelSender] = {}
+                    for i in targets:
+                        consumer = SubtaskId(spec.uid, i)
+                        tx, rx = open_channel(config.channel_capacity, wakeups[consumer], f"{producer}->{consumer}")
+                        edge[i] = tx
+                        receivers[consumer].append(rx)
+                        inputs[consumer].append(k)
+                    senders[producer].append((k, spec.uid, edge))
+        wait_final = config.checkpoint.enabled and config.checkpoint.checkpoints_after_tasks_finish
+        tasks: dict[SubtaskId, Task] = {}
+        for spec in specs.values():
+            for i in range(spec.parallelism):
+                sub = SubtaskId(spec.uid, i)
+                edges = []
+                for k, consumer_uid, edge in senders[sub]:
+                    down = specs[consumer_uid]
+                    edges.append(
+                        OutputEdge(
+                            edge,
+                            down.inputs[k].partitioning,
+                            i,
+                            key_selector=down.inputs[k].key_selector,
+                            key_serializer=down.key_serializer,
+                            downstream_parallelism=down.parallelism,
+                            downstream_max_parallelism=max_p[consumer_uid],
+                        )
+                    )
+                gate = InputGate(receivers[sub], inputs[sub]) if spec.inputs else None
+                tasks[sub] = Task(
+                    spec=spec,
+                    index=i,
+                    attempt=attempt,
+                    gate=gate,
+                    output=Output(edges, config.batch_size),
+                    wakeup=wakeups[sub],
+                    coordinator=self.coordinator,
+                    state_backend=self.backend,
+                    max_parallelism=max_p[spec.uid],
+                    restore=restore.get(sub),
+                    wait_for_final_checkpoint=wait_final,
+                    batch_size=config.batch_size,
+                )
+        return tasks
+
+    # --- running -------------------------------------------------------------------------------------
+
+    async def _supervise(self, runs: list[asyncio.Task[None]]) -> None:
+        stop = asyncio.ensure_future(self._stop_event.wait())
+        done = asyncio.ensure_future(asyncio.wait(runs))
+        try:
+            await asyncio.wait({stop, done}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            done.cancel()
+        if self._stop_event.is_set() and self._stop_error is not None:
+            raise self._stop_error
+
+    async def _attempt(self, attempt: int, restore: dict[SubtaskId, TaskRestore]) -> None:
+        tasks = self.deploy(attempt, restore)
+        gateways: dict[SubtaskId, TaskGateway] = dict(tasks)
+        self.coordinator.attach(gateways)
+        periodic = asyncio.get_running_loop().create_task(self.coordinator.run_periodic(), name="checkpoint-scheduler")
+        try:
+            async with asyncio.TaskGroup() as group:
+                runs = [group.create_task(t.run(), name=t.name) for t in tasks.values()]
+                group.create_task(self._supervise(runs), name="supervisor")
+        finally:
+            periodic.cancel()
+            await asyncio.gather(periodic, return_exceptions=True)
+            self.coordinator.detach()
+
+    async def run(self) -> JobResult:
+        attempt = 0
+        restore = assign_state(self.initial_restore, self.topology.operators) if self.initial_restore else {}
+        try:
+            while True:
+                try:
+                    await self._attempt(attempt, restore)
+                except BaseExceptionGroup as group:
+                    failure = self._classify(group)
+                    if failure is None:
+                        self.status = JobStatus.CANCELED
+                        return self._result(attempt)
+                    if isinstance(failure, JobFailedError) or attempt >= self.config.restart.max_attempts:
+                        self.status = JobStatus.FAILED
+                        if not isinstance(failure, JobFailedError):
+                            error = JobFailedError(f"job {self.job_id} failed after {attempt + 1} attempts: {failure}")
+                            error.__cause__ = failure
+                            failure = error
+                        return self._result(attempt, failure)
+                    log.warning("job %s: %s; restarting (attempt %d)", self.job_id, failure, attempt + 1)
+                else:
+                    self.status = JobStatus.FINISHED
+                    return self._result(attempt)
+                attempt += 1
+                await asyncio.sleep(self.config.restart.delay)
+                latest = self.coordinator.store.latest() or self.initial_restore
+                restore = assign_state(latest, self.topology.operators) if latest is not None else {}
+        finally:
+            await self.coordinator.close()
+
+    @staticmethod
+    def _classify(group: BaseExceptionGroup) -> BaseException | None:
+        """``None`` for a cancel; the job-ending error if there is one; else the first task failure."""
+        if group.subgroup(lambda e: isinstance(e, _Canceled)) is not None:
+            return None
+        fatal = group.subgroup(lambda e: isinstance(e, JobFailedError))
+        if fatal is not None:
+            return fatal.exceptions[0]
+        failures = group.subgroup(lambda e: isinstance(e, Exception))
+        if failures is None:
+            raise group
+        first = failures.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        return first
+
+    def _result(self, attempt: int, error: BaseException | None = None) -> JobResult:
+        return JobResult(self.job_id, self.status, attempt + 1, self.coordinator.completed, self.savepoint, error)
+
+
+def submit(
+    graph: JobGraph,
+    config: JobConfig | None = None,
+    *,
+    restore_from: str | CompletedCheckpoint | None = None,
+    allow_non_restored_state: bool = False,
+    job_id: str | None = None,
+) -> JobClient:
+    """Start a job on the running event loop.
+
+    Args:
+        graph: the job.
+        config: its configuration (defaults: LMDB state, checkpoints under ``./checkpoints``, off).
+        restore_from: a checkpoint or savepoint (location or loaded) to start from.
+        allow_non_restored_state: drop state of operators the graph no longer has.
+        job_id: 32 hex digits; a new one by default.
+
+    Raises:
+        IncompatibleRestoreError: the restore rules reject the graph.
+        CheckpointNotFoundError: ``restore_from`` holds no completed checkpoint.
+    """
+    config = config or JobConfig()
+    restore = None
+    if restore_from is not None:
+        restore = (
+            load_checkpoint(restore_from, endpoint_url=config.checkpoint.endpoint_url)
+            if isinstance(restore_from, str)
+            else restore_from
+        )
+        report = check_restore(restore.metadata, graph.topology(), allow_non_restored_state=allow_non_restored_state)
+        if not report.compatible:
+            raise IncompatibleRestoreError(report)
+    execution = _Execution(graph, config, job_id or uuid.uuid4().hex, restore)
+    runner = asyncio.get_running_loop().create_task(execution.run(), name=f"job-{execution.job_id[:8]}")
+    return JobClient(execution, runner)
+
+
+async def run_job(
+    graph: JobGraph,
+    config: JobConfig | None = None,
+    *,
+    restore_from: str | CompletedCheckpoint | None = None,
+    allow_non_restored_state: bool = False,
+) -> JobResult:
+    """Run a job to completion (it must have only bounded sources, or be stopped by a failure)."""
+    client = submit(graph, config, restore_from=restore_from, allow_non_restored_state=allow_non_restored_state)
+    return await client.wait()
