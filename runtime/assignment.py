@@ -31,7 +31,8 @@ def effective_topology(topology: Topology, checkpoint: CompletedCheckpoint | Non
         max_p = op.max_parallelism
         if max_p is None and checkpoint is not None:
             old = checkpoint.metadata.operator(op.uid)
-            if old is not None and not old.fully_finished:
+            # Only state pins the key groups; a stateless operator may exceed the old max parallelism.
+            if old is not None and old.has_state:
                 max_p = old.max_parallelism
         operators.append(TopologyOperator(op.uid, op.parallelism, max_p or op.effective_max_parallelism, op.inputs))
     return Topology(tuple(operators))
@@ -57,8 +58,11 @@ def assign_state(checkpoint: CompletedCheckpoint, topology: Iterable[TopologyOpe
             if not st.finished:
                 keyed[st.index] = list(st.keyed)
                 operator[st.index] = list(st.operator)
-        new_keyed = assign_keyed_handles(keyed, op.parallelism, old.max_parallelism)
-        new_operator = repartition_operator_state(operator, op.parallelism)
+        if old.has_state:
+            new_keyed = assign_keyed_handles(keyed, op.parallelism, old.max_parallelism)
+            new_operator = repartition_operator_state(operator, op.parallelism)
+        else:  # nothing to redistribute; the new parallelism may even exceed the old max parallelism
+            new_keyed, new_operator = [[] for _ in range(op.parallelism)], [[] for _ in range(op.parallelism)]
         for index in range(op.parallelism):
             result[SubtaskId(op.uid, index)] = TaskRestore(checkpoint, new_keyed[index], new_operator[index])
     return result

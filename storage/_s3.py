@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,7 @@ from storage.errors import (
     BucketNotFoundError,
     CredentialsError,
     NotFoundError,
+    RequestOutcomeUnknownError,
     StorageAccessDeniedError,
     StorageError,
     StorageUnavailableError,
@@ -45,6 +47,11 @@ _DENIED = {
     "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
     "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken",
 }  # fmt: skip
+# The IAM permission each action needs (HeadObject needs s3:GetObject, HeadBucket s3:ListBucket).
+_PERMISSION = {
+    "read": "s3:GetObject", "stat": "s3:GetObject", "write": "s3:PutObject", "delete": "s3:DeleteObject",
+    "list": "s3:ListBucket", "access": "s3:ListBucket",
+}  # fmt: skip
 _UNAVAILABLE = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
     "InternalError", "503", "500", "502", "504",
@@ -55,7 +62,7 @@ def make_s3_client(
     *,
     endpoint_url: str | None = None,
     region: str | None = None,
-    max_attempts: int = 10,
+    max_attempts: int | None = None,
     connect_timeout: float = 5.0,
     read_timeout: float = 60.0,
 ) -> Any:
@@ -65,18 +72,37 @@ def make_s3_client(
         endpoint_url: overrides the endpoint (else boto3's configuration and ``AWS_ENDPOINT_URL``).
         region: the region; ``None`` uses boto3's configuration.
         max_attempts: total attempts per request, including retries of throttling, 5xx and
-            connection errors (botocore ``standard`` retry mode: exponential backoff with jitter).
+            connection errors (botocore ``standard`` retry mode: exponential backoff with jitter);
+            default: ``AWS_MAX_ATTEMPTS`` if set, else 10.
         connect_timeout: seconds to wait for a connection.
         read_timeout: seconds to wait for a response.
     """
+    if max_attempts is None:
+        try:
+            max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))
+        except ValueError:
+            max_attempts = 10
     config = botocore.config.Config(
-        retries={"max_attempts": max_attempts, "mode": "standard"},
+        # botocore's "max_attempts" key counts retries after the first attempt; "total_max_attempts"
+        # counts every attempt, which is what ``max_attempts`` promises.
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         max_pool_connections=32,
     )
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
+    try:
+        session = boto3.session.Session()
+        return session.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
+    except (
+        botocore.exceptions.PartialCredentialsError,
+        botocore.exceptions.NoCredentialsError,
+        botocore.exceptions.ProfileNotFound,
+    ) as exc:
+        # Partial credentials and a missing profile are found when the client is created, not on first use.
+        raise CredentialsError(
+            f"cannot create an S3 client: {exc}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or an instance role"
+        ) from exc
 
 
 class S3ObjectStore(ObjectStore):
@@ -164,7 +190,7 @@ class S3ObjectStore(ObjectStore):
             if code in _DENIED or status == 403:
                 raise StorageAccessDeniedError(
                     f"cannot {action} {where}: access denied ({code}); check the credentials and the "
-                    f"bucket policy for s3:{action.split()[0]} permission"
+                    f"bucket policy for {_PERMISSION.get(action, 's3:*')} permission"
                 ) from exc
             if code == "PreconditionFailed" or status == 412:
                 raise AlreadyExistsError(f"{where} already exists; a create-only write never replaces it") from exc
@@ -178,12 +204,15 @@ class S3ObjectStore(ObjectStore):
                 f"cannot {action} {where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role"
             ) from exc
+        if isinstance(exc, botocore.exceptions.ReadTimeoutError | botocore.exceptions.ConnectionClosedError):
+            raise RequestOutcomeUnknownError(
+                f"cannot {action} {where}: no answer from S3 after the request was sent ({exc}); it may or may "
+                "not have been applied"
+            ) from exc
         if isinstance(
             exc,
             botocore.exceptions.EndpointConnectionError
             | botocore.exceptions.ConnectionError
-            | botocore.exceptions.ConnectionClosedError
-            | botocore.exceptions.ReadTimeoutError
             | botocore.exceptions.ConnectTimeoutError,
         ):
             raise StorageUnavailableError(
@@ -224,7 +253,7 @@ class S3ObjectStore(ObjectStore):
         if start:
             kwargs["Range"] = f"bytes={start}-"
         try:
-            body: ObjectReader = self._client.get_object(**kwargs)["Body"]
+            body = self._client.get_object(**kwargs)["Body"]
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                 import io
@@ -233,7 +262,7 @@ class S3ObjectStore(ObjectStore):
             self.fail(exc, "read", key)
         except botocore.exceptions.BotoCoreError as exc:
             self.fail(exc, "read", key)
-        return body
+        return _S3Reader(self, key, body)
 
     def size(self, key: str) -> int:
         try:
@@ -293,7 +322,7 @@ class S3ObjectStore(ObjectStore):
         try:
             resp = self._client.delete_objects(Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True})
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            self.fail(exc, "delete", batch[0]["Key"])
+            self.fail(exc, "delete", batch[0]["Key"][len(self._prefix) + 1 if self._prefix else 0 :])
         errors = [e for e in resp.get("Errors", []) if e.get("Code") != "NoSuchKey"]
         if errors:
             first = errors[0]
@@ -330,6 +359,24 @@ class S3ObjectStore(ObjectStore):
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             self.fail(exc, "list", prefix)
         return sorted(names)
+
+
+class _S3Reader:
+    """A GET body whose read errors (a dropped or truncated response) are mapped like every S3 error."""
+
+    def __init__(self, store: S3ObjectStore, key: str, body: Any) -> None:
+        self._store = store
+        self._key = key
+        self._body = body
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            return bytes(self._body.read(None if size < 0 else size))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self._store.fail(exc, "read", self._key)
+
+    def close(self) -> None:
+        self._body.close()
 
 
 class _S3Writer(ObjectWriter):
@@ -381,7 +428,11 @@ class _S3Writer(ObjectWriter):
         # Bound the memory held by parts in flight.
         in_flight = [f for f in self._parts if not f.done()]
         if len(in_flight) >= self._concurrency:
-            in_flight[0].result()
+            try:
+                in_flight[0].result()
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                self.abort()
+                self._store.fail(exc, "write", self._key)
         upload_id = self._upload_id
         self._parts.append(self._store.executor().submit(self._upload_part, upload_id, number, chunk))
 

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from storage.base import ObjectStore, PutMode, join_key
 from storage.errors import (
     AlreadyExistsError,
+    BucketNotFoundError,
     CheckpointNotFoundError,
     CommitConflictError,
     CommitFailedError,
     CommitOutcomeUnknownError,
     MetadataError,
     NotFoundError,
+    RequestOutcomeUnknownError,
     StorageError,
 )
 from storage.metadata import JOB_ID_PATTERN, CheckpointKind, CheckpointMetadata, HandleScope, StreamHandle
@@ -142,7 +144,9 @@ class CheckpointWriter:
         self._lock = threading.Lock()
         self._written: list[str] = []
         self._streams: list[StateOutputStream] = []
-        self._done = False
+        self._done = False  # no new streams, no second commit
+        self._committed = False
+        self._aborted = False
 
     @property
     def location(self) -> str:
@@ -204,6 +208,7 @@ class CheckpointWriter:
             self._resolve_existing(key, data, None)
         except StorageError as exc:
             self._resolve_existing(key, data, exc)
+        self._committed = True
         return CompletedCheckpoint(self._storage, self.directory, metadata)
 
     def _resolve_existing(self, key: str, data: bytes, cause: StorageError | None) -> None:
@@ -213,6 +218,12 @@ class CheckpointWriter:
         try:
             existing = store.get(key)
         except NotFoundError:
+            if isinstance(cause, RequestOutcomeUnknownError):
+                # A timeout or dropped connection after the PUT was sent: it may still land (STYLE 6).
+                raise CommitOutcomeUnknownError(
+                    f"{store.describe(key)}: the commit of {name} failed ({cause}) and its metadata is not there "
+                    "yet; the write may still land: load the checkpoint later to learn whether it is complete"
+                ) from cause
             raise CommitFailedError(f"{store.describe(key)}: {name} was not committed: {cause}") from cause
         except StorageError as exc:
             raise CommitOutcomeUnknownError(
@@ -228,10 +239,12 @@ class CheckpointWriter:
         ) from cause
 
     def abort(self) -> None:
-        """Remove everything this checkpoint wrote. Completed checkpoints are never touched."""
+        """Remove everything this checkpoint wrote (also after a failed commit). Completed checkpoints
+        are never touched; after ``CommitOutcomeUnknownError`` do not abort: the commit may still land."""
         with self._lock:
-            if self._done:
+            if self._committed or self._aborted:
                 return
+            self._aborted = True
             self._done = True
             streams, written = list(self._streams), list(self._written)
         for stream in streams:
@@ -239,8 +252,10 @@ class CheckpointWriter:
         store = self._storage.store
         try:
             store.delete_many(written)
-            # Files other writers (other processes) placed there, and empty local directories.
-            store.delete_prefix(self.directory)
+            # Files other writers (other processes) placed there, and empty local directories; unless
+            # another writer committed this checkpoint id meanwhile: a completed checkpoint is never touched.
+            if not self._storage._has_metadata(self.directory):
+                store.delete_prefix(self.directory)
         except StorageError as exc:
             log.warning("could not remove all files of aborted checkpoint %s: %s", self.location, exc)
 
@@ -309,6 +324,8 @@ class CheckpointStorage:
         where = self.store.describe(key)
         try:
             data = self.store.get_range(key, 0, MAX_DOCUMENT_BYTES + 1)
+        except BucketNotFoundError:
+            raise
         except NotFoundError as exc:
             raise CheckpointNotFoundError(
                 f"Cannot find meta data file '{METADATA_FILE}' in directory '{self.store.describe(directory)}'; "

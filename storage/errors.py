@@ -24,6 +24,7 @@ __all__ = [
     "KeystateError",
     "MetadataError",
     "NotFoundError",
+    "RequestOutcomeUnknownError",
     "StateFileError",
     "StorageAccessDeniedError",
     "StorageError",
@@ -74,6 +75,11 @@ class CredentialsError(StorageError):
 
 class StorageUnavailableError(StorageError, ConnectionError):
     """The storage could not be reached (endpoint unreachable, retries exhausted on throttling or 5xx)."""
+
+
+class RequestOutcomeUnknownError(StorageUnavailableError):
+    """A request was sent but no answer came back (read timeout, connection dropped): it may or may
+    not have been applied."""
 
 
 class CommitFailedError(StorageError):
