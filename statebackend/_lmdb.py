@@ -13,8 +13,9 @@ flushed later by the task thread; only the task thread writes to LMDB, so LMDB's
 holds without locks on the hot path.
 
 The map size grows on demand: when a flush finds the map full and no snapshot holds a read
-transaction, the map size doubles (py-lmdb invalidates open transactions on resize, so it waits for
-snapshots to finish; until then the frozen buffers stay in memory and reads remain correct).
+transaction, the map size doubles (py-lmdb invalidates open transactions on resize, so growth is
+deferred, never waited for, until no snapshot is open; until then the frozen buffers stay in memory
+and reads remain correct).
 """
 
 from __future__ import annotations
@@ -116,16 +117,22 @@ class _LmdbSnapshot(KVSnapshot):
             raise StateError("LMDB snapshot already released")
         lo = _KG.pack(key_group)
         hi = _KG.pack(key_group + 1) if key_group < 0xFFFF else None
-        cursor = txn.cursor(db=self._owner.db)
-        if not self._layers:
-            if not cursor.set_range(lo):
-                return
-            for key, value in cursor.iternext():
-                if hi is not None and key >= hi:
+        try:
+            cursor = txn.cursor(db=self._owner.db)
+            if not self._layers:
+                if not cursor.set_range(lo):
                     return
-                yield key, value
-            return
-        yield from _merged(cursor, self._layers, lo, hi)
+                for key, value in cursor.iternext():
+                    if hi is not None and key >= hi:
+                        return
+                    yield key, value
+                return
+            yield from _merged(cursor, self._layers, lo, hi)
+        except lmdb.Error as exc:
+            raise StateError(
+                f"LMDB snapshot of {self._owner.path} cannot be read ({exc}); was the backend closed before "
+                "the snapshot was written?"
+            ) from exc
 
     def release(self) -> None:
         with self._lock:
@@ -175,11 +182,12 @@ class LmdbKV(KVStore):
             found = txn.get(b"layout")
             if found is None:
                 txn.put(b"layout", LMDB_LAYOUT_VERSION)
-            elif found != LMDB_LAYOUT_VERSION:
-                raise StateError(
-                    f"LMDB environment {self._path} has state layout {found!r}, this keystate writes "
-                    f"{LMDB_LAYOUT_VERSION!r}; remove the directory (state is restored from checkpoints)"
-                )
+        if found is not None and found != LMDB_LAYOUT_VERSION:
+            self._env.close()
+            raise StateError(
+                f"LMDB environment {self._path} has state layout {found!r}, this keystate writes "
+                f"{LMDB_LAYOUT_VERSION!r}; remove the directory (state is restored from checkpoints)"
+            )
         self._max_entries = buffer_entries
         self._max_bytes = buffer_bytes
         self._active: Buffer = {}
@@ -293,7 +301,9 @@ class LmdbKV(KVStore):
             try:
                 self._write_layer(self._frozen[0])
             except lmdb.MapFullError:
-                if self._grow(wait=len(self._frozen) > 4):
+                # Never wait for snapshots here: the task thread may be the one that writes or
+                # releases them later, so waiting could deadlock. The layers stay readable in memory.
+                if self._grow(wait=False):
                     continue
                 return False
             self._frozen.pop(0)

@@ -37,13 +37,16 @@ from statebackend.ttl import TTL_HEADER, StateVisibility, TtlConfig, TtlUpdate
 if TYPE_CHECKING:
     from statebackend.keyed import KVKeyedStateBackend
 
-__all__ = ["make_state", "split_frames", "ttl_filter"]
+__all__ = ["MAX_STORED_KEY_BYTES", "make_state", "split_frames", "ttl_filter"]
 
 _U16 = struct.Struct(">H")
 _FRAME = struct.Struct(">I")
 _TS = TTL_HEADER
 _TS_FRAME = struct.Struct(">qI")
 _EMPTY_NAMESPACE = _U16.pack(0)
+MAX_STORED_KEY_BYTES = 511
+"""Composite keys (with namespace and map key) longer than this are rejected, in every engine: it is
+LMDB's key limit, and a snapshot must restore into either engine."""
 
 
 def split_frames(raw: bytes, with_ttl: bool) -> list[tuple[int, bytes]]:
@@ -106,9 +109,19 @@ class _Base(State):
             if key_part:
                 return self._last_key
             raise StateError(f"state {self.name!r} used with no current key; call set_current_key() first")
+        key = b.key_group_prefix + self._sid + key_part + self._ns
+        if len(key) > MAX_STORED_KEY_BYTES:
+            raise self._too_long(len(key), "")
         self._last_key_part = key_part
-        self._last_key = b.key_group_prefix + self._sid + key_part + self._ns
-        return self._last_key
+        self._last_key = key
+        return key
+
+    def _too_long(self, size: int, what: str) -> StateError:
+        return StateError(
+            f"state {self.name!r}: key {str(self._b.current_key)[:40]!r} with namespace of {len(self._ns) - 2} "
+            f"bytes{what} makes a stored key of {size} bytes, more than {MAX_STORED_KEY_BYTES}; use a shorter "
+            "key, namespace or map key"
+        )
 
     def _wrap(self, payload: bytes) -> bytes:
         if self._ttl is None:
@@ -123,8 +136,8 @@ class _Base(State):
         (ts,) = _TS.unpack_from(raw)
         now = self._b.clock()
         if now >= ts + ttl.ttl_ms:
+            self._kv.delete(key)  # expired values are removed when read (returned once at most)
             if ttl.visibility is StateVisibility.NEVER_RETURN_EXPIRED:
-                self._kv.delete(key)
                 return None
             return raw[_TS.size :]
         if ttl.update is TtlUpdate.ON_READ_AND_WRITE:
@@ -174,7 +187,7 @@ class _List(_Base, ListState[Any]):
         live = [(ts, p) for ts, p in frames if now < ts + ttl.ttl_ms]
         never_expired = ttl.visibility is StateVisibility.NEVER_RETURN_EXPIRED
         shown = live if never_expired else frames
-        rewrite = never_expired and len(live) != len(frames)
+        rewrite = len(live) != len(frames)
         if ttl.update is TtlUpdate.ON_READ_AND_WRITE and live:
             live = [(now, p) for _, p in live]
             rewrite = True
@@ -213,7 +226,10 @@ class _Map(_Base, MapState[Any, Any]):
         self._key_ser: Serializer[Any] = descriptor.key_serializer
 
     def _entry(self, user_key: Any) -> bytes:
-        return self._key() + self._key_ser.serialize(user_key)
+        entry = self._key() + self._key_ser.serialize(user_key)
+        if len(entry) > MAX_STORED_KEY_BYTES:
+            raise self._too_long(len(entry), f" and map key {str(user_key)[:40]!r}")
+        return entry
 
     def get(self, key: Any) -> Any:
         entry = self._entry(key)

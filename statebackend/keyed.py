@@ -44,9 +44,9 @@ _xxh3 = xxhash.xxh3_64_intdigest
 
 _U16 = struct.Struct(">H")
 MAX_KEY_BYTES = 400
+"""Serialized keys longer than this are rejected (LMDB keys are limited to 511 bytes in total)."""
 # Precomputed ">H" encodings: key-group prefixes and key-length prefixes (hot path of set_current_key).
 _U16_BYTES = [_U16.pack(i) for i in range(1 << 15)]
-"""Serialized keys longer than this are rejected (LMDB keys are limited to 511 bytes in total)."""
 
 
 class _Snapshot(KeyedSnapshot):
@@ -249,6 +249,16 @@ class KVKeyedStateBackend(KeyedStateBackend):
         if self._states:
             raise StateError(f"operator {self.operator_uid!r}: restore() must come before any state is used")
         ordered = sorted(handles, key=lambda ch: ch[1].key_groups.start)
+        for checkpoint, _ in ordered:
+            # Key groups are numbered modulo max_parallelism: under another one the same number holds
+            # other keys, and no entry check could notice.
+            recorded = checkpoint.metadata.operator(self.operator_uid)
+            if recorded is not None and recorded.max_parallelism != self.max_parallelism:
+                raise StateMigrationError(
+                    f"operator {self.operator_uid!r}: checkpoint {checkpoint.location} was written with "
+                    f"max_parallelism {recorded.max_parallelism} but this backend has {self.max_parallelism}; "
+                    f"keep {recorded.max_parallelism} or start without state"
+                )
         for checkpoint, handle in ordered:
             if not handle.key_groups.intersection(self.key_groups):
                 continue

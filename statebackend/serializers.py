@@ -145,9 +145,13 @@ class JsonSerializer(Serializer[Any]):
 
     def deserialize(self, data: bytes) -> Any:
         try:
-            return json.loads(bytes(data))
+            return json.loads(bytes(data), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             raise SerializationError(f"json serializer: stored bytes are not valid JSON ({exc})") from exc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")  # never written by serialize (allow_nan=False)
 
 
 class PickleSerializer(Serializer[Any]):
@@ -221,7 +225,10 @@ class KeySerializer(Serializer[Any]):
         )
 
     def deserialize(self, data: bytes) -> Any:
-        value, end = self._decode(bytes(data), 0, len(data))
+        try:
+            value, end = self._decode(bytes(data), 0, len(data))
+        except RecursionError:
+            raise SerializationError("key-v1: tuples nested too deeply") from None
         if end != len(data):
             raise SerializationError(f"key-v1: {len(data) - end} trailing bytes after the key")
         return value
@@ -246,11 +253,18 @@ class KeySerializer(Serializer[Any]):
             (n,) = _U16.unpack_from(data, pos)
             if end - pos - 2 < n:
                 raise SerializationError("key-v1: truncated big int")
-            return int.from_bytes(data[pos + 2 : pos + 2 + n], "big", signed=True), pos + 2 + n
+            big = int.from_bytes(data[pos + 2 : pos + 2 + n], "big", signed=True)
+            if -_SIGN <= big < _SIGN or n != (big.bit_length() + 8) // 8:
+                # serialize() never writes this: decoding it would give a key with other bytes
+                raise SerializationError("key-v1: non-canonical big int")
+            return big, pos + 2 + n
         if tag == _TAG_FLOAT:
             if end - pos < 8:
                 raise SerializationError("key-v1: truncated float")
-            return _F64.unpack_from(data, pos)[0], pos + 8
+            number: float = _F64.unpack_from(data, pos)[0]
+            if math.isnan(number):
+                raise SerializationError("key-v1: NaN cannot be a key")
+            return number, pos + 8
         if tag == _TAG_STR:
             try:
                 return data[pos:end].decode("utf-8"), end

@@ -298,7 +298,8 @@ class KeyedStateBackend(ABC):
 
         Raises:
             StateRestoreError: a handle is corrupted, truncated or does not fit.
-            StateMigrationError: restored state does not match this backend (key serializer, hash).
+            StateMigrationError: restored state does not match this backend (key serializer, hash,
+                or the operator's max_parallelism recorded in the checkpoint).
         """
 
     @abstractmethod
