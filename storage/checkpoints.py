@@ -146,6 +146,7 @@ class CheckpointWriter:
         self._streams: list[StateOutputStream] = []
         self._done = False  # no new streams, no second commit
         self._committed = False
+        self._commit_failed = False  # the commit definitely did not happen: abort may remove our files
         self._aborted = False
 
     @property
@@ -203,11 +204,15 @@ class CheckpointWriter:
         key = join_key(self.directory, METADATA_FILE)
         store = self._storage.store
         try:
-            store.put(key, data, PutMode.CREATE)
-        except AlreadyExistsError:
-            self._resolve_existing(key, data, None)
-        except StorageError as exc:
-            self._resolve_existing(key, data, exc)
+            try:
+                store.put(key, data, PutMode.CREATE)
+            except AlreadyExistsError:
+                self._resolve_existing(key, data, None)
+            except StorageError as exc:
+                self._resolve_existing(key, data, exc)
+        except CommitFailedError:
+            self._commit_failed = True
+            raise
         self._committed = True
         return CompletedCheckpoint(self._storage, self.directory, metadata)
 
@@ -239,10 +244,11 @@ class CheckpointWriter:
         ) from cause
 
     def abort(self) -> None:
-        """Remove everything this checkpoint wrote (also after a failed commit). Completed checkpoints
-        are never touched; after ``CommitOutcomeUnknownError`` do not abort: the commit may still land."""
+        """Remove everything this checkpoint wrote (also after a ``CommitFailedError``). Completed
+        checkpoints are never touched: while a commit is in flight, after it succeeded, or after
+        ``CommitOutcomeUnknownError`` (the commit may still land) this does nothing."""
         with self._lock:
-            if self._committed or self._aborted:
+            if self._aborted or self._committed or (self._done and not self._commit_failed):
                 return
             self._aborted = True
             self._done = True

@@ -243,7 +243,10 @@ class OperatorState:
                 f"parallelism {self.max_parallelism}"
             )
         if self.fully_finished and self.subtasks:
-            raise _invalid(f"operator {self.uid!r} is fully finished but lists subtask state; it must list none")
+            raise _invalid(
+                f"operator {self.uid!r} is fully_finished but lists {len(self.subtasks)} subtasks; a fully "
+                "finished operator lists none"
+            )
         previous = -1
         for st in self.subtasks:
             if st.index <= previous or st.index >= self.parallelism:

@@ -298,7 +298,10 @@ class StateFileReader:
         if self.header() is Compression.NONE:
             raw = stored
         else:
-            declared = zstandard.frame_content_size(stored) if len(stored) >= 6 else -2
+            try:
+                declared = zstandard.frame_content_size(stored) if len(stored) >= 6 else -2
+            except zstandard.ZstdError as exc:
+                raise self._error(offset, f"block is not a zstd frame ({exc})") from exc
             if declared != raw_len:
                 raise self._error(offset, f"block declares {raw_len} raw bytes but its frame holds {declared}")
             try:

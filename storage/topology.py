@@ -201,7 +201,8 @@ class Topology:
         version = doc.get("format_version")
         if "format_version" not in doc:
             raise TopologyError(f"{where}: required field 'format_version' is missing")
-        if version not in SUPPORTED_TOPOLOGY_VERSIONS:
+        # ``True == 1`` and ``1.0 == 1`` in Python: only a JSON integer names a version.
+        if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_TOPOLOGY_VERSIONS:
             raise UnsupportedTopologyVersionError("topology", version, SUPPORTED_TOPOLOGY_VERSIONS, where)
         check_keys(doc, where, ("format_version", "operators"), error=TopologyError)
         operators: list[TopologyOperator] = []
