@@ -20,6 +20,7 @@ and reads remain correct).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import struct
@@ -77,9 +78,18 @@ def _resolve(layers: Iterable[Buffer], key: bytes, base: Any) -> Any:
     return value
 
 
-def _merged(cursor: Any, layers: tuple[Buffer, ...], lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, bytes]]:
-    """Entries in ``[lo, hi)`` of LMDB (through ``cursor``) with ``layers`` (oldest first) applied."""
-    overlay = sorted({k for layer in layers for k in layer if k >= lo and (hi is None or k < hi)})
+def _merged(
+    cursor: Any, layers: tuple[Buffer, ...], lo: bytes, hi: bytes | None, keys: list[bytes] | None = None
+) -> Iterator[tuple[bytes, bytes]]:
+    """Entries in ``[lo, hi)`` of LMDB (through ``cursor``) with ``layers`` (oldest first) applied.
+
+    ``keys``, if given, is the sorted union of the layers' keys (a snapshot computes it once instead
+    of once per key group).
+    """
+    if keys is None:
+        overlay = sorted({k for layer in layers for k in layer if k >= lo and (hi is None or k < hi)})
+    else:
+        overlay = keys[bisect.bisect_left(keys, lo) : len(keys) if hi is None else bisect.bisect_left(keys, hi)]
     stored: Iterator[tuple[bytes, bytes]] = iter(())
     if cursor.set_range(lo):
         stored = cursor.iternext()
@@ -108,6 +118,7 @@ class _LmdbSnapshot(KVSnapshot):
         self._owner = owner
         self._txn: Any = txn
         self._layers = layers
+        self._keys: list[bytes] | None = None
         self._lock = threading.Lock()
 
     def iter_key_group(self, key_group: int) -> Iterator[tuple[bytes, bytes]]:
@@ -127,7 +138,9 @@ class _LmdbSnapshot(KVSnapshot):
                         return
                     yield key, value
                 return
-            yield from _merged(cursor, self._layers, lo, hi)
+            if self._keys is None:
+                self._keys = sorted(set().union(*self._layers))  # once per snapshot, in its own thread
+            yield from _merged(cursor, self._layers, lo, hi, self._keys)
         except lmdb.Error as exc:
             raise StateError(
                 f"LMDB snapshot of {self._owner.path} cannot be read ({exc}); was the backend closed before "
@@ -193,6 +206,7 @@ class LmdbKV(KVStore):
         self._active: Buffer = {}
         self._active_bytes = 0
         self._frozen: list[Buffer] = []
+        self._flush_due = False
         self._reader: Any = None
         self._lock = threading.Condition()
         self._snapshots_open = 0
@@ -261,13 +275,13 @@ class LmdbKV(KVStore):
     def put(self, key: bytes, value: bytes) -> None:
         self._active[key] = value
         self._active_bytes += len(key) + len(value)
-        if len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
+        if self._flush_due or len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
             self.flush()
 
     def delete(self, key: bytes) -> None:
         self._active[key] = None
         self._active_bytes += len(key)
-        if len(self._active) >= self._max_entries:
+        if self._flush_due or len(self._active) >= self._max_entries:
             self.flush()
 
     def append(self, key: bytes, data: bytes) -> None:
@@ -283,7 +297,7 @@ class LmdbKV(KVStore):
         else:
             v.data += data
         self._active_bytes += len(data)
-        if len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
+        if self._flush_due or len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
             self.flush()
 
     def flush(self) -> bool:
@@ -293,6 +307,7 @@ class LmdbKV(KVStore):
             True if everything was written; False if the map is full and cannot grow while a
             snapshot holds a read transaction (the changes stay buffered and reads stay correct).
         """
+        self._flush_due = False
         if self._active:
             self._frozen.append(self._active)
             self._active = {}
@@ -339,6 +354,8 @@ class LmdbKV(KVStore):
         with self._lock:
             self._snapshots_open -= 1
             self._lock.notify_all()
+        if self._frozen:
+            self._flush_due = True  # the map may grow now: the task thread flushes on its next write
 
     # --- scans ---------------------------------------------------------------------------------------
 
@@ -372,6 +389,9 @@ class LmdbKV(KVStore):
         txn = self._env.begin(db=self.db)
         with self._lock:
             self._snapshots_open += 1
+        # The frozen buffers go to LMDB on the task thread's next write (not here: this is the
+        # synchronous part); they stay readable to this snapshot, which holds them and its old view.
+        self._flush_due = bool(self._frozen)
         return _LmdbSnapshot(self, txn, tuple(self._frozen))
 
     def bulk_load(self, items: Iterable[tuple[bytes, bytes]]) -> int:
