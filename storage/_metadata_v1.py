@@ -1,7 +1,7 @@
 """``_metadata`` format version 1: JSON serialization and field-by-field parsing.
 
-``load_metadata`` pops ``format_version`` and dispatches to that version's parser; a later version
-adds a ``_parse_v2`` beside ``_parse_v1`` and an entry in ``_PARSERS`` rather than editing this one.
+``storage._metadata_versions`` pops ``format_version`` and dispatches to a version's parser; a later
+version adds its own module beside this one and an entry in that registry instead of editing this one.
 Every field has one small parser whose error names the file and the JSON path of the field.
 """
 
@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from storage.errors import MetadataError, UnsupportedFormatVersionError
+from storage.errors import MetadataError
 from storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
 from storage.metadata import (
     CHECKSUM_PATTERN,
@@ -34,7 +34,6 @@ from storage.statefile import Compression
 from storage.topology import UID_PATTERN, parse_input_edge
 from storage.validation import (
     check_keys,
-    loads_strict,
     req_bool,
     req_int,
     req_list,
@@ -43,9 +42,7 @@ from storage.validation import (
     safe_relative_path,
 )
 
-__all__ = ["SUPPORTED_VERSIONS", "dump_v1", "load_metadata"]
-
-SUPPORTED_VERSIONS = (1,)
+__all__ = ["dump_v1", "parse_v1"]
 T = TypeVar("T")
 
 
@@ -115,19 +112,6 @@ def dump_v1(m: CheckpointMetadata) -> bytes:
 
 
 # --- parsing -----------------------------------------------------------------------------------------
-
-
-def load_metadata(data: bytes, where: str) -> CheckpointMetadata:
-    doc = loads_strict(data, where)
-    if not isinstance(doc, dict):
-        raise MetadataError(f"{where}: checkpoint metadata must be a JSON object, found {type(doc).__name__}")
-    if "format_version" not in doc:
-        raise MetadataError(f"{where}: required field 'format_version' is missing; this is not keystate metadata")
-    version = doc.pop("format_version")
-    parser = _PARSERS.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
-    if parser is None:
-        raise UnsupportedFormatVersionError("checkpoint metadata", version, SUPPORTED_VERSIONS, where)
-    return parser(doc, where)
 
 
 def _parse_int_list(raw: object, where: str, field: str, max_len: int) -> tuple[int, ...]:
@@ -237,7 +221,8 @@ def _parse_operator(raw: object, where: str) -> OperatorState:
     return _build(where, lambda: OperatorState(uid, parallelism, max_p, inputs, fully_finished, subtasks))
 
 
-def _parse_v1(doc: dict[str, Any], where: str) -> CheckpointMetadata:
+def parse_v1(doc: dict[str, Any], where: str) -> CheckpointMetadata:
+    """Parse a version-1 document (``format_version`` already removed)."""
     check_keys(doc, where, ("checkpoint_id", "job_id", "kind", "timestamp", "properties", "operators"))
     checkpoint_id = req_int(doc, "checkpoint_id", where)
     job_id = req_str(doc, "job_id", where, pattern=JOB_ID_PATTERN)
@@ -252,6 +237,3 @@ def _parse_v1(doc: dict[str, Any], where: str) -> CheckpointMetadata:
         _parse_operator(o, f"{where}: operators[{i}]") for i, o in enumerate(req_list(doc, "operators", where))
     )
     return _build(where, lambda: CheckpointMetadata(checkpoint_id, job_id, kind, timestamp, operators, properties))
-
-
-_PARSERS: dict[int, Callable[[dict[str, Any], str], CheckpointMetadata]] = {1: _parse_v1}

@@ -114,12 +114,14 @@ class CompletedCheckpoint:
         key = self.state_key(handle)
         if key is None:
             assert handle.data is not None
-            return StateFileReader(
-                BytesSource(handle.data, f"{self.location}/{METADATA_FILE} (inline state)"),
-                size=handle.size,
-                checksum=handle.checksum,
+            source: BytesSource | StoreSource = BytesSource(
+                handle.data, f"{self.location}/{METADATA_FILE} (inline state)"
             )
-        return StateFileReader(StoreSource(self.storage.store, key), size=handle.size, checksum=handle.checksum)
+        else:
+            source = StoreSource(self.storage.store, key)
+        return StateFileReader(
+            source, size=handle.size, checksum=handle.checksum, raw_size=handle.raw_size, compression=handle.compression
+        )
 
 
 class CheckpointWriter:
@@ -338,13 +340,21 @@ class CheckpointStorage:
                 "it is not a completed checkpoint or savepoint"
             ) from exc
         metadata = CheckpointMetadata.from_json_bytes(data, where)
-        name = directory.rsplit("/", 1)[-1]
+        parent, _, name = directory.rpartition("/")
+        parent_name = parent.rpartition("/")[2]
         m = CHECKPOINT_DIR.fullmatch(name)
         if m and (int(m.group(1)) != metadata.checkpoint_id or metadata.kind is not CheckpointKind.CHECKPOINT):
             raise MetadataError(
                 f"{where}: directory {name} holds metadata of {metadata.kind} {metadata.checkpoint_id}; "
                 "the checkpoint directory was renamed or its metadata replaced"
             )
+        if m and JOB_ID_PATTERN.fullmatch(parent_name) and parent_name != metadata.job_id:
+            raise MetadataError(
+                f"{where}: job directory {parent_name} holds a checkpoint of job {metadata.job_id}; "
+                "the metadata was copied from another job"
+            )
+        if SAVEPOINT_DIR.fullmatch(name) and metadata.kind is not CheckpointKind.SAVEPOINT:
+            raise MetadataError(f"{where}: savepoint directory {name} holds a {metadata.kind}, not a savepoint")
         return CompletedCheckpoint(self, directory, metadata)
 
     def _has_metadata(self, directory: str) -> bool:

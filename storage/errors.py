@@ -32,6 +32,8 @@ __all__ = [
     "TopologyError",
     "UnsafePathError",
     "UnsupportedFormatVersionError",
+    "UnsupportedMetadataVersionError",
+    "UnsupportedStateFileVersionError",
 ]
 
 
@@ -108,8 +110,16 @@ class MetadataError(FormatError):
     """A ``_metadata`` file is truncated, not JSON, or has a field that is missing or invalid."""
 
 
-class UnsupportedFormatVersionError(MetadataError):
-    """A format version is unknown or newer than this keystate supports."""
+class StateFileError(FormatError):
+    """A state file is truncated, corrupted, or does not follow the state-file format."""
+
+
+class ChecksumMismatchError(StateFileError):
+    """Stored bytes do not match the checksum recorded for them."""
+
+
+class UnsupportedFormatVersionError(FormatError):
+    """A format version is unknown or newer than this keystate supports (metadata, state file, topology)."""
 
     def __init__(self, what: str, found: object, supported: tuple[int, ...], where: str) -> None:
         self.found = found
@@ -122,20 +132,20 @@ class UnsupportedFormatVersionError(MetadataError):
         )
 
 
+class UnsupportedMetadataVersionError(UnsupportedFormatVersionError, MetadataError):
+    """``_metadata`` has a ``format_version`` this keystate does not read."""
+
+
+class UnsupportedStateFileVersionError(UnsupportedFormatVersionError, StateFileError):
+    """A state file's header has a version this keystate does not read."""
+
+
 class TopologyError(FormatError):
     """A job topology (a topology file or a job graph) is malformed: bad field, unknown input, cycle."""
 
 
 class UnsafePathError(MetadataError):
     """A path in metadata is absolute or would leave the checkpoint's root directory."""
-
-
-class StateFileError(FormatError):
-    """A state file is truncated, corrupted, or does not follow the state-file format."""
-
-
-class ChecksumMismatchError(StateFileError):
-    """Stored bytes do not match the checksum recorded for them."""
 
 
 class InvalidURIError(KeystateError, ValueError):

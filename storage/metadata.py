@@ -18,7 +18,7 @@ from typing import ClassVar
 from storage.errors import MetadataError, TopologyError
 from storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
 from storage.statefile import FILE_HEADER, TRAILER, Compression
-from storage.topology import InputEdge, Topology, TopologyOperator
+from storage.topology import InputEdge, Topology, TopologyOperator, check_uid
 from storage.validation import safe_relative_path
 
 __all__ = [
@@ -166,8 +166,12 @@ class OperatorStateEntry:
     serializer: str
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise _invalid("an operator state needs a non-empty name")
+        if not 1 <= len(self.name) <= 1024:
+            raise _invalid(
+                f"an operator state needs a non-empty name of at most 1024 characters, found {len(self.name)}"
+            )
+        if not 1 <= len(self.serializer) <= 256:
+            raise _invalid(f"operator state {self.name!r}: serializer name must have 1..256 characters")
         if any(b < a for a, b in zip(self.offsets, self.offsets[1:], strict=False)) or any(o < 0 for o in self.offsets):
             raise _invalid(f"operator state {self.name!r}: offsets must be non-negative and non-decreasing")
 
@@ -231,6 +235,10 @@ class OperatorState:
     """Subtasks with state or a finished marker, by ascending index; an absent index has no state."""
 
     def __post_init__(self) -> None:
+        try:
+            check_uid(self.uid)
+        except TopologyError as exc:
+            raise _invalid(str(exc)) from None
         if not 1 <= self.max_parallelism <= UPPER_BOUND_MAX_PARALLELISM:
             raise _invalid(
                 f"operator {self.uid!r}: max_parallelism is not in valid bounds (1..{UPPER_BOUND_MAX_PARALLELISM}), "
@@ -334,8 +342,10 @@ class CheckpointMetadata:
     _by_uid: dict[str, OperatorState] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.checkpoint_id < 0:
+        if not 0 <= self.checkpoint_id < 1 << 63:
             raise _invalid(f"invalid checkpoint ID: {self.checkpoint_id}")
+        if not 0 <= self.timestamp < 1 << 63:
+            raise _invalid(f"timestamp must be milliseconds since the epoch (0..2^63-1), found {self.timestamp}")
         if not JOB_ID_PATTERN.fullmatch(self.job_id):
             raise _invalid(f"job_id {self.job_id!r} is not 32 lowercase hex digits")
         if self.properties.synchronous and self.kind is not CheckpointKind.SAVEPOINT:
@@ -368,9 +378,9 @@ class CheckpointMetadata:
         return f"chk-{self.checkpoint_id}"
 
     def to_json_bytes(self) -> bytes:
-        from storage._metadata_v1 import dump_v1
+        from storage._metadata_versions import dump_metadata
 
-        return dump_v1(self)
+        return dump_metadata(self)
 
     @classmethod
     def from_json_bytes(cls, data: bytes, where: str) -> CheckpointMetadata:
@@ -381,6 +391,6 @@ class CheckpointMetadata:
             UnsupportedFormatVersionError: unknown or newer ``format_version``.
             UnsafePathError: a handle path is absolute or leaves its directory.
         """
-        from storage._metadata_v1 import load_metadata
+        from storage._metadata_versions import load_metadata
 
         return load_metadata(data, where)

@@ -23,7 +23,7 @@ import xxhash
 import zstandard
 
 from storage.base import ObjectReader, ObjectStore
-from storage.errors import ChecksumMismatchError, StateFileError
+from storage.errors import ChecksumMismatchError, StateFileError, UnsupportedStateFileVersionError
 
 __all__ = [
     "BLOCK_HEADER",
@@ -97,7 +97,7 @@ class StateFileWriter:
     """Writes one state file through ``sink``, block by block.
 
     Args:
-        sink: receives the file's bytes in order.
+        sink: receives the file's bytes in order (it must copy a memoryview it keeps).
         compression: block compression.
         level: zstd level (1 is the default: checkpoint speed matters more than the last few percent).
         block_size: raw bytes per block before a block is cut automatically.
@@ -105,7 +105,7 @@ class StateFileWriter:
 
     def __init__(
         self,
-        sink: Callable[[bytes], object],
+        sink: Callable[[bytes | memoryview], object],
         *,
         compression: Compression = Compression.ZSTD,
         level: int = 1,
@@ -129,21 +129,29 @@ class StateFileWriter:
         self._finished = False
         self._emit(FILE_HEADER.pack(MAGIC, FORMAT_VERSION, compression.code, 0))
 
-    def _emit(self, data: bytes) -> None:
+    def _emit(self, data: bytes | memoryview) -> None:
         self._hasher.update(data)
         self._sink(data)
         self._pos += len(data)
 
-    def _emit_block(self, raw: bytes) -> None:
+    def _emit_block(self, raw: memoryview) -> None:
+        # No copies beyond compression: the header and the payload go to the sink separately.
         stored = self._compressor.compress(raw) if self._compressor is not None else raw
-        self._emit(BLOCK_HEADER.pack(len(stored), len(raw), xxhash.xxh3_64_intdigest(stored)) + stored)
+        self._emit(BLOCK_HEADER.pack(len(stored), len(raw), xxhash.xxh3_64_intdigest(stored)))
+        self._emit(stored)
         self._blocks += 1
 
-    def _cut(self) -> None:
+    def _cut(self, *, full_only: bool) -> None:
+        """Emit the buffered bytes as blocks of ``block_size`` (with ``full_only``, keep the remainder)."""
         buf = self._buf
-        self._buf = bytearray()
-        for start in range(0, len(buf), self._block_size):
-            self._emit_block(bytes(buf[start : start + self._block_size]))
+        size = self._block_size
+        end = len(buf) - len(buf) % size if full_only else len(buf)
+        if not end:
+            return
+        view = memoryview(buf)
+        for start in range(0, end, size):
+            self._emit_block(view[start : min(start + size, end)])
+        self._buf = buf[end:]  # a new bytearray; ``buf`` is never resized while views of it exist
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append raw bytes; a block is cut whenever ``block_size`` raw bytes are buffered."""
@@ -152,7 +160,7 @@ class StateFileWriter:
         self._buf += data
         self._raw_pos += len(data)
         if len(self._buf) >= self._block_size:
-            self._cut()
+            self._cut(full_only=True)
 
     @property
     def compression(self) -> Compression:
@@ -168,7 +176,7 @@ class StateFileWriter:
         Keyed backends call this at every key group; the returned offsets go into the handle.
         """
         if self._buf:
-            self._cut()
+            self._cut(full_only=False)
         return self._pos
 
     def finish(self) -> StateFileSummary:
@@ -176,7 +184,7 @@ class StateFileWriter:
         if self._finished:
             raise StateFileError("state file finished twice")
         if self._buf:
-            self._cut()
+            self._cut(full_only=False)
         self._emit(TRAILER.pack(END_MARKER, self._blocks, self._raw_pos))
         self._finished = True
         return StateFileSummary(self._pos, self._raw_pos, format_checksum(self._hasher.intdigest()), self._blocks)
@@ -248,12 +256,24 @@ class StateFileReader:
         source: where the bytes are.
         size: the stored size recorded in the handle (``None`` if unknown).
         checksum: the whole-file checksum recorded in the handle (``None`` to skip that check).
+        raw_size: the uncompressed size recorded in the handle (checked against the trailer).
+        compression: the compression recorded in the handle (checked against the file header).
     """
 
-    def __init__(self, source: ByteSourceLike, *, size: int | None = None, checksum: str | None = None) -> None:
+    def __init__(
+        self,
+        source: ByteSourceLike,
+        *,
+        size: int | None = None,
+        checksum: str | None = None,
+        raw_size: int | None = None,
+        compression: Compression | None = None,
+    ) -> None:
         self._source = source
         self._size = size
         self._checksum = checksum
+        self._raw_size = raw_size
+        self._expected_compression = compression
         self._compression: Compression | None = None
         self._decompressor = zstandard.ZstdDecompressor()
 
@@ -271,13 +291,15 @@ class StateFileReader:
         if magic != MAGIC:
             raise StateFileError(f"{self.name}: not a keystate state file (magic {magic!r}, expected {MAGIC!r})")
         if version not in SUPPORTED_VERSIONS:
-            raise StateFileError(
-                f"{self.name}: state-file version {version} is not supported (this keystate reads "
-                f"{', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade keystate"
-            )
+            raise UnsupportedStateFileVersionError("state file", version, SUPPORTED_VERSIONS, self.name)
         compression = Compression.from_code(code)
         if compression is None:
             raise StateFileError(f"{self.name}: unknown compression code {code} in the file header")
+        if self._expected_compression is not None and compression is not self._expected_compression:
+            raise StateFileError(
+                f"{self.name}: the file header says compression {compression.value!r} but its handle records "
+                f"{self._expected_compression.value!r}; the file was replaced or the metadata is corrupted"
+            )
         if flags != 0:
             raise StateFileError(f"{self.name}: unknown header flags {flags:#x}")
         return compression
@@ -305,7 +327,8 @@ class StateFileReader:
             if declared != raw_len:
                 raise self._error(offset, f"block declares {raw_len} raw bytes but its frame holds {declared}")
             try:
-                raw = self._decompressor.decompress(stored, max_output_size=raw_len)
+                # Exactly one frame per block: bytes after it are corruption, not data to ignore.
+                raw = self._decompressor.decompress(stored, max_output_size=raw_len, allow_extra_data=False)
             except zstandard.ZstdError as exc:
                 raise self._error(offset, f"undecodable zstd block ({exc})") from exc
         if len(raw) != raw_len:
@@ -393,6 +416,11 @@ class StateFileReader:
                 raise StateFileError(
                     f"{self.name}: trailer records {count} blocks / {raw_len} raw bytes but the file holds "
                     f"{blocks} / {raw_total}; the state file is corrupted"
+                )
+            if self._raw_size is not None and raw_total != self._raw_size:
+                raise StateFileError(
+                    f"{self.name}: the file holds {raw_total} raw bytes but its handle records {self._raw_size}; "
+                    "the file was replaced or the metadata is corrupted"
                 )
             if reader.read(1):
                 raise StateFileError(f"{self.name}: unexpected bytes after the trailer at offset {end}")

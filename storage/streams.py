@@ -50,11 +50,13 @@ class StreamOptions:
 def state_file_name(hint: str) -> str:
     """A unique, path-safe relative name for a state file from a hint like ``"orders/3/keyed"``.
 
-    Each hint segment is reduced to safe characters (and a leading ``.`` to ``_``), then a random
+    Each hint segment is reduced to safe characters (and a leading ``.``, ``-``, ``+``, ``=`` or ``~``
+    to ``_``), then a random
     suffix keeps names unique even when several writers use the same hint.
     """
     segments = [_UNSAFE.sub("_", s)[:64] for s in hint.split("/") if s] or ["state"]
-    segments = ["_" + s[1:] if s.startswith(".") else s for s in segments]
+    # A segment must start with a letter, digit or '_' (storage.validation.safe_relative_path).
+    segments = [s if s[0].isalnum() or s[0] == "_" else "_" + s[1:] for s in segments]
     segments[-1] = f"{segments[-1]}-{uuid.uuid4().hex[:16]}{STATE_FILE_SUFFIX}"
     return "/".join(segments)
 
@@ -96,7 +98,7 @@ class StateOutputStream:
         """The object key the stream writes to if it is not inlined."""
         return self._key
 
-    def _sink(self, data: bytes) -> None:
+    def _sink(self, data: bytes | memoryview) -> None:
         if self._writer is not None:
             self._writer.write(data)
             return

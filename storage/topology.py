@@ -30,7 +30,18 @@ TOPOLOGY_FORMAT_VERSION = 1
 SUPPORTED_TOPOLOGY_VERSIONS = (1,)
 
 UID_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
-"""A uid is 1..256 characters with no control characters."""
+"""A uid is 1..256 characters with no control characters (and valid UTF-8: no lone surrogates)."""
+
+
+def check_uid(uid: str) -> str:
+    """Raise ``TopologyError`` unless ``uid`` matches :data:`UID_PATTERN` and encodes as UTF-8."""
+    if not isinstance(uid, str) or not UID_PATTERN.fullmatch(uid):
+        raise TopologyError(f"operator uid {uid!r} must be 1..256 characters without control characters")
+    try:
+        uid.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TopologyError(f"operator uid {uid!r} is not valid UTF-8 text (lone surrogate)") from None
+    return uid
 
 
 class Partitioning(StrEnum):
@@ -94,6 +105,7 @@ class Topology:
     def __post_init__(self) -> None:
         by_uid: dict[str, TopologyOperator] = {}
         for op in self.operators:
+            check_uid(op.uid)
             if op.uid in by_uid:
                 raise TopologyError(f"operator uid {op.uid!r} appears twice; uids must be unique")
             by_uid[op.uid] = op
