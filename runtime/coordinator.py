@@ -42,6 +42,9 @@ __all__ = ["CheckpointCoordinator", "CheckpointFailureReason", "SubtaskSnapshot"
 
 log = logging.getLogger(__name__)
 
+_FINAL_RETRY_DELAY = 0.1
+"""Seconds before a failed final checkpoint is retried (instead of waiting for the next periodic one)."""
+
 
 class CheckpointFailureReason(StrEnum):
     """Why a checkpoint failed (Flink's ``CheckpointFailureReason``); ``counted`` ones use up the tolerance."""
@@ -142,10 +145,16 @@ class CheckpointCoordinator:
         self._pending: dict[int, _Pending] = {}
         self._end_of_data: set[SubtaskId] = set()
         self._final_requested = False
+        self._final_after: int | None = None
+        """Every task had reached end of data when this was the next checkpoint id; cleared once a
+        checkpoint with this id or a later one completes (it is then every task's final checkpoint)."""
+        self._final_retry: asyncio.TimerHandle | None = None
         self._periodic_stopped = False
         self._failures = 0
         self._last_completion = 0.0
         self._background: set[asyncio.Task[object]] = set()
+        self._finalizers: set[asyncio.Task[object]] = set()
+        self._store_lock = asyncio.Lock()
         self.listeners: list[Callable[[CompletedCheckpoint], None]] = []
         self.failure_listeners: list[Callable[[int, CheckpointFailureReason, str], None]] = []
         self.completed = 0
@@ -158,17 +167,39 @@ class CheckpointCoordinator:
         self._tasks = dict(tasks)
         self._end_of_data.clear()  # restarted subtasks report end of data again (C7)
         self._final_requested = False
+        self._final_after = None
+        self._cancel_final_retry()
 
     def detach(self) -> None:
-        """The deployment is going away (failover, cancel): abort what is pending, uncounted."""
+        """The deployment is going away (failover, cancel): abort what is pending, uncounted.
+
+        A checkpoint that has every acknowledgement and is writing its ``_metadata`` is left to finish
+        (:meth:`settle` waits for it): once written it is complete, so a restart must restore from it
+        rather than from an older one (whose transactions its sinks would replay and commit again).
+        """
+        self._final_after = None
+        self._cancel_final_retry()
         for pending in list(self._pending.values()):
-            self._abort(pending, CheckpointFailureReason.JOB_FAILOVER, "the job is failing over or stopping")
+            if not pending.finalizing:
+                self._abort(pending, CheckpointFailureReason.JOB_FAILOVER, "the job is failing over or stopping")
         self._tasks = {}
 
-    def _spawn(self, coro: object, name: str) -> None:
+    async def settle(self) -> None:
+        """Wait for checkpoints that were completing when the deployment went away (see :meth:`detach`)."""
+        if self._finalizers:
+            await asyncio.gather(*self._finalizers, return_exceptions=True)
+
+    def _spawn(self, coro: object, name: str) -> asyncio.Task[object]:
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    def _spawn_finalize(self, pending: _Pending) -> None:
+        pending.finalizing = True
+        task = self._spawn(self._finalize(pending), f"finalize-{pending.checkpoint_id}")
+        self._finalizers.add(task)
+        task.add_done_callback(self._finalizers.discard)
 
     async def close(self) -> None:
         self.detach()
@@ -223,7 +254,7 @@ class CheckpointCoordinator:
                 )
                 break
         if not plan.tasks_to_wait_for and not pending.future.done():
-            self._spawn(self._finalize(pending), f"finalize-{checkpoint_id}")
+            self._spawn_finalize(pending)
         return await pending.future
 
     def _periodic_delay(self) -> float:
@@ -241,9 +272,17 @@ class CheckpointCoordinator:
                 continue
             self._spawn(self._trigger_quietly(), "periodic-checkpoint")
 
-    async def _trigger_quietly(self, options: CheckpointOptions | None = None) -> None:
+    async def _trigger_quietly(self, *, final: bool = False) -> None:
+        """A periodic or final checkpoint: it respects ``max_concurrent`` when it actually starts
+        (other requests may have started between scheduling and now); savepoints do not (reference G1)."""
+        if self._periodic_stopped:
+            return  # stop-with-savepoint: only its savepoint may commit now (reference G1)
+        if len(self._pending) >= self.config.max_concurrent:
+            if final:
+                self._final_requested = True  # triggered when the pending checkpoints end
+            return
         try:
-            await self.trigger(options)
+            await self.trigger()
         except CheckpointFailedError as exc:
             log.info("checkpoint failed: %s", exc)
 
@@ -256,10 +295,24 @@ class CheckpointCoordinator:
             and self.config.checkpoints_after_tasks_finish
             and not self._periodic_stopped
         ):
-            if self._pending:
-                self._final_requested = True
-            else:
-                self._spawn(self._trigger_quietly(), "final-checkpoint")
+            self._final_after = self._next_id
+            self._request_final()
+
+    def _request_final(self) -> None:
+        if self._pending:
+            self._final_requested = True  # triggered when the pending checkpoints end
+        else:
+            self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
+
+    def _cancel_final_retry(self) -> None:
+        if self._final_retry is not None:
+            self._final_retry.cancel()
+            self._final_retry = None
+
+    def _retry_final(self) -> None:
+        self._final_retry = None
+        if self._final_after is not None and self._tasks and not self._periodic_stopped:
+            self._request_final()
 
     # --- acknowledgements ----------------------------------------------------------------------------
 
@@ -272,8 +325,7 @@ class CheckpointCoordinator:
             return
         pending.acks[sub] = snapshot
         if len(pending.acks) == len(pending.plan.tasks_to_wait_for):
-            pending.finalizing = True
-            self._spawn(self._finalize(pending), f"finalize-{checkpoint_id}")
+            self._spawn_finalize(pending)
 
     def decline(self, sub: SubtaskId, checkpoint_id: int, error: BaseException) -> None:
         pending = self._pending.get(checkpoint_id)
@@ -359,11 +411,24 @@ class CheckpointCoordinator:
         self._failures = 0
         self._last_completion = time.monotonic()
         self.completed += 1
-        self.latest = completed
+        if self.latest is None or self.latest.checkpoint_id < completed.checkpoint_id:
+            self.latest = completed
+        if self._final_after is not None and pending.checkpoint_id >= self._final_after:
+            self._final_after = None
+        subsumed = False
         if completed.kind is CheckpointKind.CHECKPOINT:
-            await asyncio.to_thread(self.store.add, completed)
+            async with self._store_lock:  # one retention change at a time, in id order
+                newest = self.store.latest()
+                subsumed = newest is not None and newest.checkpoint_id > completed.checkpoint_id
+                if subsumed:
+                    # A newer checkpoint completed first (concurrent checkpoints): this one is subsumed
+                    # at once, and lower ids never commit after higher ones (reference H2).
+                    log.info("checkpoint %d completed after a newer one and is subsumed", completed.checkpoint_id)
+                    await asyncio.to_thread(self._discard_quietly, completed)
+                else:
+                    await asyncio.to_thread(self.store.add, completed)
         # Regular savepoints commit no side effects; checkpoints and stop-with-savepoint do (H1).
-        if not (pending.options.is_savepoint and not pending.options.synchronous):
+        if not subsumed and not (pending.options.is_savepoint and not pending.options.synchronous):
             for sub in sorted(pending.plan.tasks_to_commit_to):
                 task = self._tasks.get(sub)
                 if task is not None:
@@ -374,7 +439,14 @@ class CheckpointCoordinator:
             pending.future.set_result(completed)
         if self._final_requested and not self._pending:
             self._final_requested = False
-            self._spawn(self._trigger_quietly(), "final-checkpoint")
+            if self._final_after is not None:
+                self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
+
+    def _discard_quietly(self, checkpoint: CompletedCheckpoint) -> None:
+        try:
+            self.storage.discard(checkpoint)
+        except KeystateError as exc:
+            log.warning("could not discard subsumed checkpoint %s: %s", checkpoint.location, exc)
 
     def _abort(self, pending: _Pending, reason: CheckpointFailureReason, message: str) -> None:
         if self._pending.pop(pending.checkpoint_id, None) is None:
@@ -400,7 +472,18 @@ class CheckpointCoordinator:
                 )
         if self._final_requested and not self._pending:
             self._final_requested = False
-            self._spawn(self._trigger_quietly(), "final-checkpoint")
+            if self._final_after is not None:
+                self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
+        elif (
+            self._final_after is not None
+            and reason is not CheckpointFailureReason.JOB_FAILOVER
+            and not self._periodic_stopped
+            and self._final_retry is None
+        ):
+            # The final checkpoint failed: retry soon instead of leaving every task that reached end
+            # of data waiting for the next periodic checkpoint (which may be far away, reference E3).
+            delay = max(self.config.min_pause, _FINAL_RETRY_DELAY)
+            self._final_retry = asyncio.get_running_loop().call_later(delay, self._retry_final)
 
     # --- savepoints ----------------------------------------------------------------------------------
 

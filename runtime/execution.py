@@ -147,8 +147,14 @@ class _Execution:
         )
         self.status = JobStatus.RUNNING
         self.savepoint: CompletedCheckpoint | None = None
+        self.coordinator.listeners.append(self._on_checkpoint)
         self._stop_event = asyncio.Event()
         self._stop_error: BaseException | None = None
+
+    def _on_checkpoint(self, checkpoint: CompletedCheckpoint) -> None:
+        # Recorded here, not by the client: the job may end before the client's await resumes.
+        if checkpoint.metadata.properties.synchronous:
+            self.savepoint = checkpoint
 
     def request_stop(self, error: BaseException) -> None:
         if self._stop_error is None:
@@ -215,6 +221,7 @@ class _Execution:
                     restore=restore.get(sub),
                     wait_for_final_checkpoint=wait_final,
                     batch_size=config.batch_size,
+                    checkpointing=config.checkpoint.enabled,
                 )
         return tasks
 
@@ -244,6 +251,7 @@ class _Execution:
             periodic.cancel()
             await asyncio.gather(periodic, return_exceptions=True)
             self.coordinator.detach()
+            await self.coordinator.settle()  # a checkpoint completing now is the one to restart from
 
     async def run(self) -> JobResult:
         attempt = 0

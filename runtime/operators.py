@@ -65,6 +65,7 @@ class OperatorContext:
         operator_backend: OperatorStateBackend,
         emit: Callable[[Any], None],
         restored: bool,
+        checkpointing: bool = True,
     ) -> None:
         self.uid = uid
         self.subtask_index = subtask_index
@@ -77,6 +78,8 @@ class OperatorContext:
         """Send a record downstream (to every output edge)."""
         self.restored = restored
         """Whether this subtask started from a checkpoint or savepoint."""
+        self.checkpointing = checkpointing
+        """Whether the job takes checkpoints; if not, no checkpoint follows ``finish()`` (nothing to commit on)."""
 
     @property
     def name(self) -> str:

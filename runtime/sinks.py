@@ -3,8 +3,14 @@
 Each checkpoint closes the current transaction (pre-commit) and records it in state under the
 checkpoint id; ``notify_checkpoint_complete(n)`` commits every pending transaction up to ``n``. The
 final checkpoint after ``finish()`` pre-commits the last transaction, so a bounded job commits all
-its output. On restore, transactions recorded in the checkpoint are committed (they belonged to a
-completed checkpoint) and the in-flight one is aborted. Commits are idempotent.
+its output; with checkpointing disabled, ``finish()`` commits the last transaction itself (H4). On
+restore, transactions recorded in the checkpoint are committed (they belonged to a completed
+checkpoint) and the in-flight one is aborted. Commits are idempotent.
+
+A transaction pre-committed for a checkpoint that never completes is aborted on restore only if it
+was the in-flight one of the restored checkpoint; one staged after that (a later checkpoint that
+failed, or any when the job restarts without a checkpoint) stays under ``_staging/`` uncommitted,
+as with Flink's ``TwoPhaseCommitSinkFunction``: harmless for exactly-once, but not cleaned up.
 
 :class:`TransactionalFileSink` stages JSON lines as objects under ``<location>/_staging/`` and commits
 by writing ``<location>/<txn>.jsonl`` create-only and deleting the staged object, through the same
@@ -85,6 +91,12 @@ class TwoPhaseCommitSink(Operator):
 
     async def finish(self) -> None:
         self._finished = True
+        if not self.ctx.checkpointing and self._current is not None:
+            # No checkpoint will follow: commit the last transaction now, as Flink's committer does
+            # at end of input when checkpointing is off (reference H4). Without checkpoints there is
+            # no exactly-once anyway: a failover restarts the job from scratch.
+            transaction, self._current = self._current, None
+            await self.commit(transaction, await self.pre_commit(transaction))
 
     async def snapshot_state(self, checkpoint_id: int) -> None:
         if self._current is not None:

@@ -101,6 +101,7 @@ class Task:
         restore: TaskRestore | None,
         wait_for_final_checkpoint: bool,
         batch_size: int,
+        checkpointing: bool = True,
     ) -> None:
         self.spec = spec
         self.id = SubtaskId(spec.uid, index)
@@ -114,6 +115,7 @@ class Task:
         self._max_parallelism = max_parallelism
         self._restore = restore
         self._wait_final = wait_for_final_checkpoint
+        self._checkpointing = checkpointing
         self._batch_size = batch_size
         self._finished_on_restore = restore is not None and restore.finished_on_restore
         self.state = TaskState.CREATED
@@ -231,6 +233,7 @@ class Task:
             operator_backend=operator_backend,
             emit=self._output.collect,
             restored=restore is not None,
+            checkpointing=self._checkpointing,
         )
         self._operator_backend = operator_backend
         self._operator.setup(ctx)
@@ -533,5 +536,6 @@ class Task:
         if self._async_parts:
             await asyncio.wait(self._async_parts)  # waitForPendingCheckpoints
         if self._opened and self._operator is not None:
+            self._opened = False  # close() runs once, also if it raises (cleanup must not repeat it)
             await self._operator.close()
         await self._output.broadcast(END_OF_PARTITION)

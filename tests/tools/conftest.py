@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,7 @@ Cli = Callable[..., CliResult]
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
     def invoke(*argv: str) -> CliResult:
         code = run(list(argv))
         captured = capsys.readouterr()
