@@ -1,7 +1,14 @@
-"""A task's output: routing records to channels by partitioning, batching, and broadcasting events."""
+"""A task's output: routing records to channels by partitioning, batching, and broadcasting events.
+
+Routing is decided once per edge, not per record: an edge to a single channel appends straight to
+that channel's buffer, a ``hash`` edge looks the key group up in a table of buffers, round robin
+cycles through the buffers' ``append`` methods. ``Output.collect`` is the composition of those
+routers (just one ``list.append`` for the common single-target case).
+"""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +21,8 @@ from storage.topology import Partitioning
 
 __all__ = ["Output", "OutputEdge"]
 
+Router = Callable[[Any], None]
+
 
 class OutputEdge:
     """One edge from this subtask to the subtasks of one downstream operator.
@@ -21,7 +30,7 @@ class OutputEdge:
     Args:
         senders: channel per downstream subtask index this subtask is connected to.
         partitioning: the edge's partitioning.
-        producer_index: this subtask's index (rebalance starts at it).
+        producer_index: this subtask's index (round robin starts after it).
         key_selector: for ``hash`` edges.
         key_serializer: for ``hash`` edges (must match the consumer's keyed backend).
         downstream_parallelism: consumer parallelism (``hash``).
@@ -42,25 +51,56 @@ class OutputEdge:
         self.senders = senders
         self.partitioning = partitioning
         self.targets = sorted(senders)
-        self._rr = producer_index % len(self.targets)
-        self._key_selector = key_selector
-        self._serialize = (key_serializer or KeySerializer()).serialize
-        self._p = downstream_parallelism
-        self._maxp = downstream_max_parallelism
+        self.producer_index = producer_index
+        self.key_selector = key_selector
+        self.key_serializer = key_serializer or KeySerializer()
+        self.downstream_parallelism = downstream_parallelism
+        self.downstream_max_parallelism = downstream_max_parallelism
 
-    def route(self, record: Any) -> list[int] | int:
-        """The downstream subtask index(es) for one record."""
-        part = self.partitioning
-        if part is Partitioning.HASH:
-            assert self._key_selector is not None
-            kg = xxhash.xxh3_64_intdigest(self._serialize(self._key_selector(record))) % self._maxp
-            return operator_index_for_key_group(self._maxp, self._p, kg)
-        if part is Partitioning.BROADCAST:
-            return self.targets
+    def route(self, record: Any) -> list[int]:
+        """The downstream subtask index(es) a record goes to (for inspection and tests)."""
+        if self.partitioning is Partitioning.HASH:
+            assert self.key_selector is not None
+            maxp = self.downstream_max_parallelism
+            kg = xxhash.xxh3_64_intdigest(self.key_serializer.serialize(self.key_selector(record))) % maxp
+            return [operator_index_for_key_group(maxp, self.downstream_parallelism, kg)]
+        if self.partitioning is Partitioning.BROADCAST:
+            return list(self.targets)
+        return [self.targets[0]] if len(self.targets) == 1 else list(self.targets)
+
+    def router(self, buffers: dict[int, list[Any]]) -> Router:
+        """A function that appends a record to the buffer(s) of its target channel(s)."""
+        appends = {i: buffers[i].append for i in self.targets}
+        if self.partitioning is Partitioning.BROADCAST:
+            targets = [appends[i] for i in self.targets]
+
+            def broadcast(record: Any) -> None:
+                for append in targets:
+                    append(record)
+
+            return broadcast
+        if self.partitioning is Partitioning.HASH and self.downstream_parallelism > 1:
+            assert self.key_selector is not None
+            maxp, p = self.downstream_max_parallelism, self.downstream_parallelism
+            table = [appends[operator_index_for_key_group(maxp, p, kg)] for kg in range(maxp)]
+            select, serialize, digest = self.key_selector, self.key_serializer.serialize, xxhash.xxh3_64_intdigest
+
+            def by_key(record: Any) -> None:
+                table[digest(serialize(select(record))) % maxp](record)
+
+            return by_key
         if len(self.targets) == 1:
-            return self.targets[0]
-        self._rr = (self._rr + 1) % len(self.targets)
-        return self.targets[self._rr]
+            return appends[self.targets[0]]  # forward, or any edge with a single target: no routing at all
+        # rebalance / rescale: round robin, starting after this producer's index (like Flink's
+        # RebalancePartitioner starting at a per-producer position).
+        order = [appends[i] for i in self.targets]
+        start = (self.producer_index + 1) % len(order)
+        next_append = itertools.cycle(order[start:] + order[:start]).__next__
+
+        def round_robin(record: Any) -> None:
+            next_append()(record)
+
+        return round_robin
 
 
 class Output:
@@ -70,39 +110,42 @@ class Output:
         self.edges = edges
         self._batch_size = batch_size
         self._channels: list[ChannelSender] = [s for e in edges for s in e.senders.values()]
-        self._buffers: dict[ChannelSender, list[Any]] = {s: [] for s in self._channels}
-        self._pending = 0
+        self._buffers: list[tuple[ChannelSender, list[Any]]] = []
+        routers: list[Router] = []
+        for edge in edges:
+            buffers: dict[int, list[Any]] = {i: [] for i in edge.targets}
+            self._buffers.extend((edge.senders[i], buffers[i]) for i in edge.targets)
+            routers.append(edge.router(buffers))
+        self.collect: Router
+        if not routers:
+            self.collect = _discard
+        elif len(routers) == 1:
+            self.collect = routers[0]
+        else:
+
+            def collect_all(record: Any) -> None:
+                for route in routers:
+                    route(record)
+
+            self.collect = collect_all
 
     @property
     def channels(self) -> list[ChannelSender]:
         return self._channels
 
-    def collect(self, record: Any) -> None:
-        for edge in self.edges:
-            target = edge.route(record)
-            if target.__class__ is int:
-                self._buffers[edge.senders[target]].append(record)
-                self._pending += 1
-            else:
-                for t in target:  # type: ignore[union-attr]
-                    self._buffers[edge.senders[t]].append(record)
-                    self._pending += 1
-
     @property
     def has_pending(self) -> bool:
-        return self._pending > 0
+        return any(buf for _, buf in self._buffers)
 
     async def flush(self, *, only_full: bool = False) -> None:
         """Send buffered records; with ``only_full``, only channels holding a full batch."""
-        if not self._pending:
-            return
         size = self._batch_size
-        for sender, buf in self._buffers.items():
+        for sender, buf in self._buffers:
             if buf and (not only_full or len(buf) >= size):
-                self._buffers[sender] = []
-                self._pending -= len(buf)
-                for start in range(0, len(buf), size):
-                    await sender.send(buf[start : start + size])
+                batch = buf[:]  # the routers hold ``buf.append``: keep the same list, send a copy
+                buf.clear()
+                for start in range(0, len(batch), size):
+                    await sender.send(batch[start : start + size] if len(batch) > size else batch)
 
     async def broadcast(self, event: Any) -> None:
         """Flush every buffer, then send ``event`` on every channel (barriers, EndOfData, ...)."""
@@ -116,3 +159,7 @@ class Output:
     def close(self) -> None:
         for sender in self._channels:
             sender.close()
+
+
+def _discard(record: Any) -> None:
+    """The output of a sink: nobody reads it."""

@@ -34,6 +34,8 @@ from storage.uri import open_store, parse_location
 
 __all__ = ["TransactionalFileSink", "TwoPhaseCommitSink"]
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dumps builds one per call
+
 _PENDING = ListStateDescriptor[Any](name="2pc-pending", serializer=JsonSerializer())
 _CURRENT = ListStateDescriptor[Any](name="2pc-current", serializer=JsonSerializer())
 
@@ -150,7 +152,7 @@ class TransactionalFileSink(TwoPhaseCommitSink):
         return safe
 
     def write(self, transaction: str, record: Any) -> None:
-        self._buffers[transaction].append(json.dumps(record, separators=(",", ":")))
+        self._buffers[transaction].append(_encode(record))
 
     def _staged(self, transaction: str) -> str:
         return join_key(self._base, "_staging", f"{transaction}.jsonl")
