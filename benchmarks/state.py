@@ -25,8 +25,9 @@ Every line reports our figure, a raw reference measured in the same run and thei
 4. snapshot write: at the larger size, the buffer is flushed, 10,000 fresh updates are made, and
    ``snap.write(writer, hint)`` into a local ``CheckpointStorage`` (fsync on) is timed; MB/s of raw
    snapshot bytes. It runs alone here; in a job it runs on another thread while processing goes on.
-   Baseline: the same raw bytes compressed with zstd level 1 in 1 MiB chunks, written to one plain
-   file and fsynced.
+   Its zstd blocks are compressed on one helper thread (``StreamOptions.compression_threads``, set
+   with ``--compression-threads``; 0 compresses inline). Baseline: the same raw bytes compressed with
+   zstd level 1 in 1 MiB chunks (one thread), written to one plain file and fsynced.
 5. restore: ``restore()`` of that checkpoint into a fresh LMDB backend owning every key group (MB/s
    of raw snapshot bytes; baseline: ``StateFileReader.read_all()`` of the same file, i.e. pure read,
    verify and decompress), and into one owning ``key_group_range_for_subtask(128, 2, 0)`` (rescale
@@ -740,7 +741,7 @@ def restore_cases(
     ]
 
 
-def snapshot_cases(cfg: Config, root: Path) -> tuple[list[Result], str]:
+def snapshot_cases(cfg: Config, root: Path, options: StreamOptions) -> tuple[list[Result], str]:
     backend = lmdb_backend(root / "snapshot-ours")
     try:
         state = backend.get_state(value_descriptor())
@@ -749,7 +750,7 @@ def snapshot_cases(cfg: Config, root: Path) -> tuple[list[Result], str]:
         for size_mb in cfg.snapshot_sizes_mb:
             snap_state.grow_to(size_mb * MB // ENTRY_RAW_BYTES)
             results.append(pause_case(snap_state, size_mb, cfg.pause_samples))
-        storage = open_storage(str(root / "checkpoints"))
+        storage = open_storage(str(root / "checkpoints"), options=options)
         write, completed, handle = write_case(snap_state, storage, cfg.repeats, root)
         results.append(write)
         entries = stored_entries(backend)
@@ -790,9 +791,10 @@ def render_table(results: list[Result], cfg: Config, info: str, elapsed: float, 
     return "\n".join(lines)
 
 
-def run(cfg: Config, parent: str | None) -> tuple[list[Result], str]:
+def run(cfg: Config, parent: str | None, options: StreamOptions | None = None) -> tuple[list[Result], str]:
     """Every case in a temp directory (removed afterwards); returns the results and a line about the state."""
     clock = time.perf_counter
+    load_before = _load()
     with tempfile.TemporaryDirectory(prefix="keystate-state-bench-", dir=parent) as tmp:
         root = Path(tmp)
         started = clock()
@@ -800,12 +802,17 @@ def run(cfg: Config, parent: str | None) -> tuple[list[Result], str]:
         value_done = clock()
         results += collection_cases(cfg, root)
         collections_done = clock()
-        snapshot_results, info = snapshot_cases(cfg, root)
+        snapshot_results, info = snapshot_cases(cfg, root, options or StreamOptions())
         timings = (
             f"sections: value {value_done - started:.1f} s, map/list {collections_done - value_done:.1f} s, "
-            f"snapshots {clock() - collections_done:.1f} s"
+            f"snapshots {clock() - collections_done:.1f} s; load average {load_before} -> {_load()}"
         )
         return results + snapshot_results, f"{info}\n{timings}"
+
+
+def _load() -> str:
+    """The 1-minute load average (the machine may be shared: rates swing with it)."""
+    return f"{os.getloadavg()[0]:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -814,17 +821,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--dir", default=None, help="parent directory for the temp files (default: the temp dir)")
     parser.add_argument("--profile", metavar="FILE", default=None, help="run under cProfile and dump stats to FILE")
+    parser.add_argument(
+        "--compression-threads",
+        type=int,
+        default=StreamOptions().compression_threads,
+        help="StreamOptions.compression_threads for the snapshot writes (0: compress in the writing thread)",
+    )
     args = parser.parse_args(argv)
+    options = StreamOptions(compression_threads=args.compression_threads)
 
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
     if args.profile:
         profiler = cProfile.Profile()
-        results, info = profiler.runcall(run, cfg, args.dir)
+        results, info = profiler.runcall(run, cfg, args.dir, options)
         profiler.dump_stats(args.profile)
         pstats.Stats(args.profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     else:
-        results, info = run(cfg, args.dir)
+        results, info = run(cfg, args.dir, options)
     elapsed = time.perf_counter() - started
 
     if args.json:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from statebackend._kv import KVSnapshot, KVStore
+from statebackend._kv import CHUNK_ENTRIES, Chunk, KVSnapshot, KVStore
+from storage.keygroups import KeyGroupRange
 
 __all__ = ["HeapKV"]
 
@@ -31,6 +32,20 @@ class _HeapSnapshot(KVSnapshot):
         m = maps.get(key_group)
         if m:
             yield from sorted(m.items())
+
+    def iter_chunks(
+        self, key_groups: KeyGroupRange, size: int = CHUNK_ENTRIES
+    ) -> Iterator[tuple[int, list[bytes], list[bytes]]]:
+        maps = self._maps
+        if maps is None:
+            raise RuntimeError("snapshot already released")
+        for kg in key_groups:
+            m = maps.get(kg)
+            if m:
+                keys = sorted(m)
+                values = list(map(m.__getitem__, keys))
+                for start in range(0, len(keys), size):
+                    yield kg, keys[start : start + size], values[start : start + size]
 
     def release(self) -> None:
         self._maps = None
@@ -96,6 +111,13 @@ class HeapKV(KVStore):
         for key, value in items:
             self._writable(_kg(key))[key] = value
             n += 1
+        return n
+
+    def bulk_load_chunks(self, chunks: Iterable[tuple[int, Chunk]]) -> int:
+        n = 0
+        for kg, chunk in chunks:
+            self._writable(kg).update(chunk)
+            n += len(chunk)
         return n
 
     def close(self) -> None:

@@ -9,8 +9,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from itertools import islice
 
-__all__ = ["KVSnapshot", "KVStore"]
+from storage.keygroups import KeyGroupRange
+
+__all__ = ["CHUNK_ENTRIES", "Chunk", "Columns", "KVSnapshot", "KVStore"]
+
+Chunk = list[tuple[bytes, bytes]]
+"""Restored entries, all of one key group."""
+Columns = tuple[list[bytes], list[bytes]]
+"""Entries as a list of keys and the list of their values."""
+CHUNK_ENTRIES = 4096
+"""Entries per chunk in snapshots and restores: large enough that per-chunk work vanishes, small
+enough that a chunk of small entries stays well under a block."""
 
 
 class KVSnapshot(ABC):
@@ -19,6 +30,19 @@ class KVSnapshot(ABC):
     @abstractmethod
     def iter_key_group(self, key_group: int) -> Iterator[tuple[bytes, bytes]]:
         """Entries of one key group in key order."""
+
+    def iter_chunks(
+        self, key_groups: KeyGroupRange, size: int = CHUNK_ENTRIES
+    ) -> Iterator[tuple[int, list[bytes], list[bytes]]]:
+        """``(key group, keys, values)`` in key order over ``key_groups``; at most ``size`` entries each.
+
+        A key group may come in several chunks; one without entries may be left out. The entries are
+        those of :meth:`iter_key_group`; engines override this to avoid a Python step per entry.
+        """
+        for kg in key_groups:
+            entries = self.iter_key_group(kg)
+            while chunk := list(islice(entries, size)):
+                yield kg, [k for k, _ in chunk], [v for _, v in chunk]
 
     @abstractmethod
     def release(self) -> None:
@@ -55,6 +79,10 @@ class KVStore(ABC):
     @abstractmethod
     def bulk_load(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         """Insert entries during restore (into an empty key range); returns how many."""
+
+    def bulk_load_chunks(self, chunks: Iterable[tuple[int, Chunk]]) -> int:
+        """:meth:`bulk_load` for ``(key group, entries)`` chunks: every entry of a chunk is in that key group."""
+        return sum(self.bulk_load(chunk) for _, chunk in chunks)
 
     @abstractmethod
     def close(self) -> None: ...

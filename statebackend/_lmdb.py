@@ -26,13 +26,15 @@ import os
 import struct
 import threading
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from statebackend._kv import KVSnapshot, KVStore
+from statebackend._kv import CHUNK_ENTRIES, Chunk, Columns, KVSnapshot, KVStore
 from statebackend.errors import StateError
+from storage.keygroups import KeyGroupRange
 
 __all__ = ["LMDB_LAYOUT_VERSION", "LmdbKV"]
 
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 
 LMDB_LAYOUT_VERSION = b"1"
 _KG = struct.Struct(">H")
+_LOAD_BATCH = 50_000
+"""Restored entries per LMDB write transaction."""
 _MISSING: Any = object()
 
 
@@ -113,6 +117,82 @@ def _merged(
         pending = next(stored, None)
 
 
+def _overlay(ks: list[bytes], vs: list[bytes], layers: tuple[Buffer, ...], keys: list[bytes]) -> Columns:
+    """LMDB's entries ``ks``/``vs`` with ``layers`` applied for ``keys`` (sorted: every key of the layers in
+    the chunk's key range). Few keys: in place, by bisection; many: through a dict and one sort."""
+    if len(keys) * 8 > len(ks):
+        merged = dict(zip(ks, vs, strict=True))
+        for key in keys:
+            value = _resolve(layers, key, merged.get(key, _MISSING))
+            if value is _MISSING or value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = bytes(value)
+        ks = sorted(merged)
+        return ks, list(map(merged.__getitem__, ks))
+    for key in reversed(keys):  # from the end, so an insertion or deletion moves no position still to visit
+        i = bisect.bisect_left(ks, key)
+        found = i < len(ks) and ks[i] == key
+        value = _resolve(layers, key, vs[i] if found else _MISSING)
+        if value is _MISSING or value is None:
+            if found:
+                del ks[i], vs[i]
+        elif found:
+            vs[i] = bytes(value)
+        else:
+            ks.insert(i, key)
+            vs.insert(i, bytes(value))
+    return ks, vs
+
+
+def _merged_chunks(
+    cursors: tuple[Iterator[bytes], Iterator[bytes]],
+    layers: tuple[Buffer, ...],
+    keys: list[bytes],
+    hi: bytes | None,
+    size: int,
+) -> Iterator[Columns]:
+    """Sorted chunks of LMDB's entries below ``hi`` with ``layers`` applied. ``cursors`` iterate LMDB's
+    keys and values in step (two plain iterators cost less than one of tuples); ``keys`` is the sorted
+    union of the layers' keys in the same range."""
+    key_iter, value_iter = cursors
+    done_keys = 0
+    while True:
+        ks = list(islice(key_iter, size))
+        vs = list(islice(value_iter, size))
+        last = len(ks) < size
+        if hi is not None and ks and ks[-1] >= hi:
+            cut = bisect.bisect_left(ks, hi)
+            del ks[cut:], vs[cut:]
+            last = True
+        upto = len(keys) if last else bisect.bisect_right(keys, ks[-1], done_keys)
+        if upto > done_keys:
+            ks, vs = _overlay(ks, vs, layers, keys[done_keys:upto])
+            done_keys = upto
+        if len(ks) <= size:
+            if ks:
+                yield ks, vs
+        else:  # the layers added entries: keep chunks at most `size` long
+            for start in range(0, len(ks), size):
+                yield ks[start : start + size], vs[start : start + size]
+        if last:
+            return
+
+
+def _split_key_groups(ks: list[bytes], vs: list[bytes]) -> Iterator[tuple[int, list[bytes], list[bytes]]]:
+    """``(key group, keys, values)`` runs of a sorted chunk that may span key groups."""
+    start, n = 0, len(ks)
+    while start < n:
+        first = ks[start]
+        kg = (first[0] << 8) | first[1]
+        end = n if kg == 0xFFFF else bisect.bisect_left(ks, _KG.pack(kg + 1), start)
+        if start == 0 and end == n:
+            yield kg, ks, vs
+        else:
+            yield kg, ks[start:end], vs[start:end]
+        start = end
+
+
 class _LmdbSnapshot(KVSnapshot):
     def __init__(self, owner: LmdbKV, txn: Any, layers: tuple[Buffer, ...]) -> None:
         self._owner = owner
@@ -141,6 +221,35 @@ class _LmdbSnapshot(KVSnapshot):
             if self._keys is None:
                 self._keys = sorted(set().union(*self._layers))  # once per snapshot, in its own thread
             yield from _merged(cursor, self._layers, lo, hi, self._keys)
+        except lmdb.Error as exc:
+            raise StateError(
+                f"LMDB snapshot of {self._owner.path} cannot be read ({exc}); was the backend closed before "
+                "the snapshot was written?"
+            ) from exc
+
+    def iter_chunks(
+        self, key_groups: KeyGroupRange, size: int = CHUNK_ENTRIES
+    ) -> Iterator[tuple[int, list[bytes], list[bytes]]]:
+        # One pass over the whole range, a chunk at a time: no Python step per entry.
+        with self._lock:
+            txn = self._txn
+        if txn is None:
+            raise StateError("LMDB snapshot already released")
+        lo = _KG.pack(key_groups.start)
+        hi = _KG.pack(key_groups.end + 1) if key_groups.end < 0xFFFF else None
+        try:
+            key_cursor, value_cursor = txn.cursor(db=self._owner.db), txn.cursor(db=self._owner.db)
+            cursors: tuple[Iterator[bytes], Iterator[bytes]] = (iter(()), iter(()))
+            if key_cursor.set_range(lo) and value_cursor.set_range(lo):
+                cursors = key_cursor.iternext(values=False), value_cursor.iternext(keys=False)
+            keys: list[bytes] = []
+            if self._layers:
+                if self._keys is None:
+                    self._keys = sorted(set().union(*self._layers))
+                first = bisect.bisect_left(self._keys, lo)
+                keys = self._keys[first : len(self._keys) if hi is None else bisect.bisect_left(self._keys, hi)]
+            for ks, vs in _merged_chunks(cursors, self._layers, keys, hi, size):
+                yield from _split_key_groups(ks, vs)
         except lmdb.Error as exc:
             raise StateError(
                 f"LMDB snapshot of {self._owner.path} cannot be read ({exc}); was the backend closed before "
@@ -245,7 +354,11 @@ class LmdbKV(KVStore):
         if cls is bytearray:
             return bytes(v)
         if v is _MISSING and not self._frozen:
-            return self._read(key)
+            reader = self._reader  # _read() inlined: this is the hot path of a read that misses the buffer
+            if reader is None:
+                reader = self._reader = self._env.begin(db=self.db)
+            stored: bytes | None = reader.get(key)
+            return stored
         base = self._lower(key)
         if cls is _Append:
             return (base or b"") + bytes(v.data)
@@ -326,9 +439,24 @@ class LmdbKV(KVStore):
         return True
 
     def _write_layer(self, layer: Buffer) -> None:
+        # A layer holds one change per key, so changes to different keys commute: plain values go in one
+        # sorted putmulti (no Python call per entry), deletes and appends one by one after it.
+        keys = sorted(layer)  # sorting the keys alone is ~2x faster than sorting (key, value) pairs
+        kinds = set(map(type, layer.values()))
         with self._env.begin(write=True, db=self.db) as txn:
-            for key in sorted(layer):
+            if bytes in kinds:
+                plain = (
+                    zip(keys, map(layer.__getitem__, keys), strict=True)
+                    if len(kinds) == 1
+                    else [(key, v) for key in keys if (v := layer[key]).__class__ is bytes]
+                )
+                txn.cursor().putmulti(plain, dupdata=False, overwrite=True)
+                if len(kinds) == 1:
+                    return
+            for key in keys:
                 v = layer[key]
+                if v.__class__ is bytes:
+                    continue
                 if v is None:
                     txn.delete(key)
                 elif v.__class__ is _Append:
@@ -409,14 +537,52 @@ class LmdbKV(KVStore):
         return total
 
     def _load_chunk(self, chunk: list[tuple[bytes, bytes]]) -> int:
+        self._load_batch([chunk])
+        return len(chunk)
+
+    def bulk_load_chunks(self, chunks: Iterable[tuple[int, Chunk]]) -> int:
+        self.flush()
+        total = 0
+        batch: list[Chunk] = []
+        batch_entries = 0
+        for _, chunk in chunks:
+            batch.append(chunk)
+            batch_entries += len(chunk)
+            if batch_entries >= _LOAD_BATCH:
+                self._load_batch(batch)
+                total += batch_entries
+                batch, batch_entries = [], 0
+        if batch:
+            self._load_batch(batch)
+            total += batch_entries
+        self._drop_reader()
+        return total
+
+    def _load_batch(self, batch: list[Chunk]) -> None:
+        """Put the chunks in one write transaction (growing the map if it is full).
+
+        A chunk whose first key is beyond every stored key goes in with ``MDB_APPEND`` (no B+tree search,
+        full pages). If it was not sorted after all, LMDB skips the out-of-order entries and reports
+        fewer added; the chunk is then put again normally, which gives the same result.
+        """
         while True:
             try:
                 with self._env.begin(write=True, db=self.db) as txn:
-                    txn.cursor().putmulti(chunk, dupdata=False, overwrite=True)
-                return len(chunk)
+                    cursor = txn.cursor()
+                    last = cursor.key() if cursor.last() else b""
+                    for chunk in batch:
+                        if not chunk:
+                            continue
+                        if chunk[0][0] > last and cursor.putmulti(chunk, dupdata=False, append=True)[1] == len(chunk):
+                            last = chunk[-1][0]
+                            continue
+                        cursor.putmulti(chunk, dupdata=False, overwrite=True)
+                        last = cursor.key() if cursor.last() else b""
             except lmdb.MapFullError:
                 if not self._grow(wait=True):
                     raise StateError(f"LMDB map of {self._path} is full and cannot grow") from None
+            else:
+                return
 
     def close(self) -> None:
         if self._closed:

@@ -13,11 +13,11 @@ byte order of the serialized user keys.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from statebackend.errors import StateError
-from statebackend.serializers import Serializer
+from statebackend.serializers import BytesSerializer, Serializer
 from statebackend.state import (
     AggregatingState,
     AggregatingStateDescriptor,
@@ -73,6 +73,25 @@ def split_frames(raw: bytes, with_ttl: bool) -> list[tuple[int, bytes]]:
     return out
 
 
+def _split_plain(raw: bytes) -> list[bytes]:
+    """The elements of a stored list without TTL (:func:`split_frames` without the timestamps)."""
+    out: list[bytes] = []
+    append = out.append
+    unpack = _FRAME.unpack_from
+    pos, end = 0, len(raw)
+    try:
+        while pos < end:
+            (n,) = unpack(raw, pos)
+            pos += 4
+            append(raw[pos : pos + n])
+            pos += n
+    except struct.error:
+        raise StateError(f"list state value is truncated at byte {pos} of {end}") from None
+    if pos > end:
+        raise StateError(f"list state element at byte {pos - n} claims {n} bytes, {end - pos + n} left")
+    return out
+
+
 def _frame(payload: bytes, ts: int | None) -> bytes:
     if ts is None:
         return _FRAME.pack(len(payload)) + payload
@@ -89,9 +108,16 @@ class _Base(State):
         self._put = backend.kv.put
         self._sid = _U16.pack(sid)
         self._ns = _EMPTY_NAMESPACE
-        self._last_key_part = b""
+        # The composite key for the backend's key_part object: hot paths test `key_part is
+        # _last_key_part` inline (None never matches) and call _key() only when it changed.
+        self._last_key_part: bytes | None = None
         self._last_key = b""
         self._ser: Serializer[Any] = descriptor.serializer
+        self._serialize = descriptor.serializer.serialize
+        # BytesSerializer.deserialize is bytes(data): call the builtin directly (no Python frame)
+        self._deserialize: Callable[[bytes], Any] = (
+            bytes if type(descriptor.serializer) is BytesSerializer else descriptor.serializer.deserialize
+        )
         self._ttl: TtlConfig | None = descriptor.ttl
         self.name = descriptor.name
 
@@ -99,15 +125,15 @@ class _Base(State):
         if len(namespace) > 0xFFFF:
             raise StateError(f"state {self.name!r}: namespace of {len(namespace)} bytes is over 65535")
         self._ns = _U16.pack(len(namespace)) + namespace
-        self._last_key_part = b""
+        self._last_key_part = None
 
     def _key(self) -> bytes:
         """The composite key of the current key; cached until the key or namespace changes."""
         b = self._b
         key_part = b.key_part
         if key_part is self._last_key_part:
-            if key_part:
-                return self._last_key
+            return self._last_key
+        if not key_part:
             raise StateError(f"state {self.name!r} used with no current key; call set_current_key() first")
         key = b.key_group_prefix + self._sid + key_part + self._ns
         if len(key) > MAX_STORED_KEY_BYTES:
@@ -154,7 +180,7 @@ class _Value(_Base, ValueState[Any]):
         self._default = descriptor.default
 
     def value(self) -> Any:
-        key = self._key()
+        key = self._last_key if self._b.key_part is self._last_key_part else self._key()
         raw = self._get(key)
         if raw is None:
             return self._default
@@ -162,15 +188,17 @@ class _Value(_Base, ValueState[Any]):
             raw = self._unwrap(raw, key)
             if raw is None:
                 return self._default
-        return self._ser.deserialize(raw)
+        return self._deserialize(raw)
 
     def update(self, value: Any) -> None:
         if value is None:
             self.clear()
-        elif self._ttl is None:
-            self._put(self._key(), self._ser.serialize(value))
+            return
+        key = self._last_key if self._b.key_part is self._last_key_part else self._key()
+        if self._ttl is None:
+            self._put(key, self._serialize(value))
         else:
-            self._put(self._key(), self._wrap(self._ser.serialize(value)))
+            self._put(key, self._wrap(self._serialize(value)))
 
 
 class _List(_Base, ListState[Any]):
@@ -181,7 +209,7 @@ class _List(_Base, ListState[Any]):
             return []
         ttl = self._ttl
         if ttl is None:
-            return [self._ser.deserialize(p) for _, p in split_frames(raw, False)]
+            return list(map(self._deserialize, _split_plain(raw)))
         frames = split_frames(raw, True)
         now = self._b.clock()
         live = [(ts, p) for ts, p in frames if now < ts + ttl.ttl_ms]
@@ -207,8 +235,12 @@ class _List(_Base, ListState[Any]):
             self._kv.put(key, b"".join(_frame(p, t) for p, t in zip(payloads, ts, strict=True)))
 
     def add(self, value: Any) -> None:
-        ts = None if self._ttl is None else self._b.clock()
-        self._kv.append(self._key(), _frame(self._ser.serialize(value), ts))
+        key = self._last_key if self._b.key_part is self._last_key_part else self._key()
+        payload = self._serialize(value)
+        if self._ttl is None:
+            self._kv.append(key, _FRAME.pack(len(payload)) + payload)
+        else:
+            self._kv.append(key, _TS_FRAME.pack(self._b.clock(), len(payload)) + payload)
 
     def add_all(self, values: Iterable[Any]) -> None:
         ts = None if self._ttl is None else self._b.clock()
@@ -224,23 +256,33 @@ class _Map(_Base, MapState[Any, Any]):
     def __init__(self, backend: KVKeyedStateBackend, sid: int, descriptor: MapStateDescriptor[Any, Any]) -> None:
         super().__init__(backend, sid, descriptor)
         self._key_ser: Serializer[Any] = descriptor.key_serializer
+        self._serialize_user_key = descriptor.key_serializer.serialize
 
     def _entry(self, user_key: Any) -> bytes:
-        entry = self._key() + self._key_ser.serialize(user_key)
+        prefix = self._last_key if self._b.key_part is self._last_key_part else self._key()
+        entry = prefix + self._serialize_user_key(user_key)
         if len(entry) > MAX_STORED_KEY_BYTES:
             raise self._too_long(len(entry), f" and map key {str(user_key)[:40]!r}")
         return entry
 
     def get(self, key: Any) -> Any:
-        entry = self._entry(key)
-        raw = self._kv.get(entry)
+        prefix = self._last_key if self._b.key_part is self._last_key_part else self._key()
+        entry = prefix + self._serialize_user_key(key)  # _entry() inlined: the hot path of map reads
+        if len(entry) > MAX_STORED_KEY_BYTES:
+            raise self._too_long(len(entry), f" and map key {str(key)[:40]!r}")
+        raw = self._get(entry)
         if raw is None:
             return None
+        if self._ttl is None:
+            return self._deserialize(raw)
         payload = self._unwrap(raw, entry)
-        return None if payload is None else self._ser.deserialize(payload)
+        return None if payload is None else self._deserialize(payload)
 
     def put(self, key: Any, value: Any) -> None:
-        self._kv.put(self._entry(key), self._wrap(self._ser.serialize(value)))
+        if self._ttl is None:
+            self._put(self._entry(key), self._serialize(value))
+        else:
+            self._put(self._entry(key), self._wrap(self._serialize(value)))
 
     def put_all(self, items: Iterable[tuple[Any, Any]] | dict[Any, Any]) -> None:
         pairs = items.items() if isinstance(items, dict) else items

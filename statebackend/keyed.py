@@ -12,7 +12,7 @@ from typing import Any
 import xxhash
 
 from statebackend._heap import HeapKV
-from statebackend._kv import KVSnapshot, KVStore
+from statebackend._kv import Chunk, KVSnapshot, KVStore
 from statebackend._lmdb import LmdbKV
 from statebackend._snapshot import KeyedSnapshotReader, SnapshotMeta, StateMeta, write_keyed_snapshot
 from statebackend._states import make_state, ttl_filter
@@ -24,7 +24,7 @@ from statebackend.errors import (
     StateSnapshotError,
 )
 from statebackend.keygroups import KEY_GROUP_HASH
-from statebackend.serializers import KeySerializer, Serializer
+from statebackend.serializers import BytesSerializer, KeySerializer, Serializer
 from statebackend.state import (
     KeyedSnapshot,
     KeyedStateBackend,
@@ -47,6 +47,14 @@ MAX_KEY_BYTES = 400
 """Serialized keys longer than this are rejected (LMDB keys are limited to 511 bytes in total)."""
 # Precomputed ">H" encodings: key-group prefixes and key-length prefixes (hot path of set_current_key).
 _U16_BYTES = [_U16.pack(i) for i in range(1 << 15)]
+_IMMUTABLE_KEYS = frozenset({bytes, str, int, float, bool})
+"""Key types whose objects cannot change, so the same object serializes the same (not tuple: one may hold
+a list that a custom key serializer accepts)."""
+
+
+def _translated(chunk: Chunk, translate: dict[bytes, bytes]) -> Chunk:
+    """A restored chunk with the snapshot's state ids replaced by ours, sorted again."""
+    return sorted((k[:2] + translate.get(k[2:4], k[2:4]) + k[4:], v) for k, v in chunk)
 
 
 class _Snapshot(KeyedSnapshot):
@@ -111,11 +119,13 @@ class KVKeyedStateBackend(KeyedStateBackend):
         self.clock = clock
         self._key_ser: Serializer[Any] = key_serializer or KeySerializer()
         self._serialize_key = self._key_ser.serialize
+        self._bytes_keys = type(self._key_ser) is BytesSerializer  # bytes keys serialize to themselves
         self._kg_start, self._kg_end = key_groups.start, key_groups.end
         self._current: Any = None
         self.key_group_prefix = b""
         self.key_part = b""
         self._registry: dict[str, StateMeta] = {}
+        self._snapshot_meta: SnapshotMeta | None = None  # cached until the registry changes
         self._states: dict[str, tuple[StateDescriptor[Any], State]] = {}
         self._closed = False
 
@@ -125,7 +135,9 @@ class KVKeyedStateBackend(KeyedStateBackend):
     # --- keys ----------------------------------------------------------------------------------------
 
     def set_current_key(self, key: Any) -> None:
-        raw = self._serialize_key(key)
+        if key is self._current and key.__class__ in _IMMUTABLE_KEYS and self.key_part:
+            return  # the same immutable key object again: same bytes, and the states' key caches stay valid
+        raw = key if key.__class__ is bytes and self._bytes_keys else self._serialize_key(key)
         kg = _xxh3(raw) % self.max_parallelism
         if kg < self._kg_start or kg > self._kg_end:
             raise KeyGroupOutOfRangeError(
@@ -159,7 +171,7 @@ class KVKeyedStateBackend(KeyedStateBackend):
             if sid > 0xFFFF:
                 raise StateError(f"operator {self.operator_uid!r}: more than 65535 states")
             meta = StateMeta(sid, descriptor.name, descriptor.kind, descriptor.serializer.name, uks, descriptor.ttl)
-            self._registry[descriptor.name] = meta
+            self._register(meta)
             return meta
         where = f"operator {self.operator_uid!r}: state {descriptor.name!r}"
         if existing.kind is not descriptor.kind:
@@ -181,8 +193,12 @@ class KVKeyedStateBackend(KeyedStateBackend):
             )
         if existing.ttl != descriptor.ttl:
             existing = StateMeta(existing.sid, existing.name, existing.kind, existing.serializer, uks, descriptor.ttl)
-            self._registry[descriptor.name] = existing
+            self._register(existing)
         return existing
+
+    def _register(self, meta: StateMeta) -> None:
+        self._registry[meta.name] = meta
+        self._snapshot_meta = None
 
     def _get_state(self, descriptor: StateDescriptor[Any]) -> State:
         self._check_open()
@@ -241,7 +257,11 @@ class KVKeyedStateBackend(KeyedStateBackend):
 
     def snapshot(self) -> KeyedSnapshot:
         self._check_open()
-        meta = SnapshotMeta(self._key_ser.name, KEY_GROUP_HASH, tuple(self.registered_states()))
+        meta = self._snapshot_meta
+        if meta is None:
+            meta = self._snapshot_meta = SnapshotMeta(
+                self._key_ser.name, KEY_GROUP_HASH, tuple(self.registered_states())
+            )
         return _Snapshot(self, self.kv.snapshot(), meta, self.clock())
 
     def restore(self, handles: Sequence[tuple[CompletedCheckpoint, KeyedStateHandle]]) -> None:
@@ -276,11 +296,11 @@ class KVKeyedStateBackend(KeyedStateBackend):
                     f"{self._key_ser.name!r}; configure the same key serializer"
                 )
             translate = self._adopt(meta, where)
-            entries = reader.entries(self.key_groups)
+            chunks = reader.chunks(self.key_groups)
             if translate:
-                entries = ((k[:2] + translate.get(k[2:4], k[2:4]) + k[4:], v) for k, v in entries)
+                chunks = ((kg, _translated(chunk, translate)) for kg, chunk in chunks)
             try:
-                self.kv.bulk_load(entries)
+                self.kv.bulk_load_chunks(chunks)
             except StateRestoreError:
                 raise
             except KeystateError as exc:
@@ -295,7 +315,7 @@ class KVKeyedStateBackend(KeyedStateBackend):
                 taken = {m.sid for m in self._registry.values()}
                 sid = state.sid if state.sid not in taken else max(taken) + 1
                 mine = StateMeta(sid, state.name, state.kind, state.serializer, state.user_key_serializer, state.ttl)
-                self._registry[state.name] = mine
+                self._register(mine)
             elif (mine.kind, mine.serializer, mine.user_key_serializer, mine.ttl is None) != (
                 state.kind,
                 state.serializer,

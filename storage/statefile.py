@@ -13,6 +13,7 @@ found too; the whole-file xxh3-64 goes into the handle in ``_metadata``.
 
 from __future__ import annotations
 
+import queue
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Protocol
 import xxhash
 import zstandard
 
+from storage._compression import BlockHelpers, zstd_compressor
 from storage.base import ObjectReader, ObjectStore
 from storage.errors import ChecksumMismatchError, StateFileError, UnsupportedStateFileVersionError
 
@@ -97,10 +99,15 @@ class StateFileWriter:
     """Writes one state file through ``sink``, block by block.
 
     Args:
-        sink: receives the file's bytes in order (it must copy a memoryview it keeps).
+        sink: receives the file's bytes in order (it must copy a memoryview it keeps); always called
+            from the thread that calls the writer's methods.
         compression: block compression.
         level: zstd level (1 is the default: checkpoint speed matters more than the last few percent).
         block_size: raw bytes per block before a block is cut automatically.
+        threads: helper threads that compress and hash zstd blocks while the caller goes on writing
+            (0: compress in the caller's thread). They start once a block's worth of raw bytes has been
+            written, so small files never start a thread, and stop at :meth:`finish` or
+            :meth:`abort`. The file's bytes do not depend on this setting.
     """
 
     def __init__(
@@ -110,23 +117,30 @@ class StateFileWriter:
         compression: Compression = Compression.ZSTD,
         level: int = 1,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        threads: int = 0,
     ) -> None:
         if not 0 < block_size <= MAX_RAW_BLOCK:
             raise ValueError(f"block_size must be in 1..{MAX_RAW_BLOCK}, found {block_size}")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, found {threads}")
         self._sink = sink
         self._compression = compression
-        self._compressor = (
-            zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
-            if compression is Compression.ZSTD
-            else None
-        )
+        self._level = level
+        self._compressor = zstd_compressor(level) if compression is Compression.ZSTD else None
+        self._threads = threads if compression is Compression.ZSTD else 0
+        self._helpers: BlockHelpers | None = None
         self._block_size = block_size
         self._buf = bytearray()
         self._hasher = xxhash.xxh3_64()
         self._pos = 0
         self._raw_pos = 0
-        self._blocks = 0
+        self._blocks = 0  # blocks emitted
+        self._cut_blocks = 0  # blocks cut (emitted or with a helper)
+        self._starts: list[int] = []  # file offset of every emitted block, then of the trailer
+        self._raw_cut = 0  # raw bytes in the blocks cut
         self._finished = False
+        self._aborted = False
+        self._failed: BaseException | None = None
         self._emit(FILE_HEADER.pack(MAGIC, FORMAT_VERSION, compression.code, 0))
 
     def _emit(self, data: bytes | memoryview) -> None:
@@ -134,12 +148,68 @@ class StateFileWriter:
         self._sink(data)
         self._pos += len(data)
 
-    def _emit_block(self, raw: memoryview) -> None:
+    def _write_block(self, stored: bytes | memoryview, raw_len: int, digest: int) -> None:
         # No copies beyond compression: the header and the payload go to the sink separately.
-        stored = self._compressor.compress(raw) if self._compressor is not None else raw
-        self._emit(BLOCK_HEADER.pack(len(stored), len(raw), xxhash.xxh3_64_intdigest(stored)))
+        self._starts.append(self._pos)
+        self._emit(BLOCK_HEADER.pack(len(stored), raw_len, digest))
         self._emit(stored)
         self._blocks += 1
+
+    def _emit_block(self, raw: memoryview) -> None:
+        number = self._cut_blocks
+        self._cut_blocks += 1
+        helpers = self._helpers
+        if helpers is None and self._threads and self._raw_cut >= self._block_size:
+            helpers = self._helpers = BlockHelpers(self._level, self._threads)
+        self._raw_cut += len(raw)
+        if helpers is None:
+            stored = self._compressor.compress(raw) if self._compressor is not None else raw
+            self._write_block(stored, len(raw), xxhash.xxh3_64_intdigest(stored))
+            return
+        # Bound the memory in flight: wait for the oldest blocks before handing over more.
+        self._drain(number - 2 * len(helpers.threads) - 1)
+        helpers.todo.put((number, raw))
+
+    def _drain(self, until: int) -> None:
+        """Emit finished blocks in order: wait until ``until`` blocks are out, then take what is ready."""
+        helpers = self._helpers
+        if helpers is None:
+            return
+        try:
+            self._take_done(helpers, until)
+        except BaseException as exc:  # a helper's error, or the sink's: the file is lost either way
+            self._fail(exc)
+            raise
+
+    def _take_done(self, helpers: BlockHelpers, until: int) -> None:
+        while True:
+            if self._blocks < until:
+                done = helpers.next_done()
+            else:
+                try:
+                    done = helpers.done.get_nowait()
+                except queue.Empty:
+                    return
+            if done[4] is not None:
+                raise done[4]
+            helpers.ready[done[0]] = done
+            while (block := helpers.ready.pop(self._blocks, None)) is not None:
+                self._write_block(block[1], block[2], block[3])
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failed = exc
+        self._stop_helpers(discard=True)
+
+    def _stop_helpers(self, *, discard: bool) -> None:
+        helpers, self._helpers = self._helpers, None
+        if helpers is not None:
+            helpers.shutdown(discard=discard)
+
+    def _check(self, what: str) -> None:
+        if self._failed is not None:
+            raise StateFileError(f"{what} a state file whose writing failed ({self._failed!r})")
+        if self._aborted or self._finished:
+            raise StateFileError(f"{what} a state file that is already {'aborted' if self._aborted else 'finished'}")
 
     def _cut(self, *, full_only: bool) -> None:
         """Emit the buffered bytes as blocks of ``block_size`` (with ``full_only``, keep the remainder)."""
@@ -148,15 +218,14 @@ class StateFileWriter:
         end = len(buf) - len(buf) % size if full_only else len(buf)
         if not end:
             return
+        self._buf = buf[end:]  # a new bytearray; ``buf`` is never resized while views of it exist
         view = memoryview(buf)
         for start in range(0, end, size):
             self._emit_block(view[start : min(start + size, end)])
-        self._buf = buf[end:]  # a new bytearray; ``buf`` is never resized while views of it exist
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append raw bytes; a block is cut whenever ``block_size`` raw bytes are buffered."""
-        if self._finished:
-            raise StateFileError("write to a state file that is already finished")
+        self._check("write to")
         self._buf += data
         self._raw_pos += len(data)
         if len(self._buf) >= self._block_size:
@@ -166,6 +235,16 @@ class StateFileWriter:
     def compression(self) -> Compression:
         return self._compression
 
+    def set_threads(self, threads: int) -> None:
+        """Change the number of helper threads for the blocks cut from now on (0: the caller's thread)."""
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, found {threads}")
+        helpers = self._helpers
+        if helpers is not None and threads != len(helpers.threads):
+            self._drain(self._cut_blocks)
+            self._stop_helpers(discard=False)
+        self._threads = threads if self._compressor is not None else 0
+
     def tell(self) -> int:
         """The logical position: raw bytes written so far (operator-state offsets use this)."""
         return self._raw_pos
@@ -173,21 +252,63 @@ class StateFileWriter:
     def start_block(self) -> int:
         """End the current block and return the file offset at which the next block will start.
 
-        Keyed backends call this at every key group; the returned offsets go into the handle.
+        Keyed backends call this at every key group; the returned offsets go into the handle. With
+        helper threads it waits until every block cut so far is written (see :meth:`mark_block`).
         """
+        self._check("start a block in")
         if self._buf:
             self._cut(full_only=False)
+        self._drain(self._cut_blocks)
         return self._pos
+
+    def mark_block(self) -> int:
+        """End the current block like :meth:`start_block`, without waiting for helper threads.
+
+        Returns:
+            The number of the block that starts here; :meth:`block_offset` turns it into the file
+            offset once that block (or, at the end, the trailer) is written.
+        """
+        self._check("start a block in")
+        if self._buf:
+            self._cut(full_only=False)
+        self._drain(0)
+        return self._cut_blocks
+
+    def block_offset(self, number: int) -> int:
+        """The file offset of block ``number`` from :meth:`mark_block` (after :meth:`finish`, always known).
+
+        Raises:
+            StateFileError: that block is not written yet.
+        """
+        if 0 <= number < len(self._starts):
+            return self._starts[number]
+        raise StateFileError(f"the offset of block {number} is not known yet ({self._blocks} blocks written)")
 
     def finish(self) -> StateFileSummary:
         """Write the last block and the trailer; the writer cannot be used afterwards."""
         if self._finished:
             raise StateFileError("state file finished twice")
+        self._check("finish")
         if self._buf:
             self._cut(full_only=False)
+        self._drain(self._cut_blocks)
+        self._stop_helpers(discard=False)
+        self._starts.append(self._pos)
         self._emit(TRAILER.pack(END_MARKER, self._blocks, self._raw_pos))
         self._finished = True
+        self._sink = _closed_sink  # the sink is usually a bound method of our owner: no reference cycle
         return StateFileSummary(self._pos, self._raw_pos, format_checksum(self._hasher.intdigest()), self._blocks)
+
+    def abort(self) -> None:
+        """Stop the helper threads and drop whatever is not written yet. Idempotent."""
+        self._aborted = True
+        self._buf = bytearray()
+        self._stop_helpers(discard=True)
+        self._sink = _closed_sink
+
+
+def _closed_sink(data: bytes | memoryview) -> None:
+    raise StateFileError("state file written after it was finished or aborted")
 
 
 # --- reading -----------------------------------------------------------------------------------------
@@ -237,11 +358,15 @@ class StoreSource:
         return self._store.open_reader(self._key, start)
 
 
+_READ_CHUNK = 4 << 20
+
+
 def _read_exact(reader: ObjectReader, n: int) -> bytes:
     chunks: list[bytes] = []
     remaining = n
     while remaining > 0:
-        chunk = reader.read(remaining)
+        # At most 4 MiB per read: a declared length is untrusted, so never allocate it up front.
+        chunk = reader.read(min(remaining, _READ_CHUNK))
         if not chunk:
             break
         chunks.append(chunk)

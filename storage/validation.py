@@ -124,6 +124,7 @@ def req_str(
     pattern: re.Pattern[str] | None = None,
     choices: Iterable[str] | None = None,
     max_len: int = 4096,
+    min_len: int = 0,
 ) -> str:
     if field not in obj:
         raise error(f"{where}: required field '{field}' is missing")
@@ -136,6 +137,13 @@ def req_str(
             _fail(error, where, field, "one of " + ", ".join(repr(c) for c in allowed), value)
     if len(value) > max_len:
         _fail(error, where, field, f"at most {max_len} characters", value)
+    if len(value) < min_len:
+        _fail(error, where, field, f"at least {min_len} character(s)", value)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            _fail(error, where, field, "text that is valid UTF-8 (no lone surrogate escapes)", value)
     if pattern is not None and not pattern.fullmatch(value):
         _fail(error, where, field, f"a string matching {pattern.pattern}", value)
     return value

@@ -327,6 +327,61 @@ def test_malformed_entry(new_backend: BackendFactory, storage: CheckpointStorage
     assert f"key group {kg}" in str(error)
 
 
+@pytest.mark.parametrize("case", ["key-of-5-bytes", "key-of-7-bytes", "key-of-512-bytes"])
+def test_composite_key_outside_the_stored_lengths(
+    new_backend: BackendFactory, storage: CheckpointStorage, case: str
+) -> None:
+    """Regression (found by tests/fuzz): restore took a 4..7-byte composite key (``keys()`` then failed with
+    ``struct.error``) and a key over LMDB's 511 bytes (``lmdb.BadValsizeError``)."""
+    entries = sample_entries()
+    kg = min(entries)
+    key = {
+        "key-of-5-bytes": struct.pack(">HH", kg, 1) + b"\x00",
+        "key-of-7-bytes": struct.pack(">HHH", kg, 1, 0) + b"\x00",
+        "key-of-512-bytes": entry_key(kg, 1, b"\x06" + b"k" * 503),
+    }[case]
+    assert len(key) == int(case.split("-")[2])
+    entries[kg].append((key, INT.serialize(1)))
+    entries[kg].sort()
+    completed, handle = craft(storage, json.dumps(valid_meta()).encode(), entries)
+    error = restore_error(new_backend, completed, handle)
+    assert f"key group {kg}" in str(error)
+    assert f"entry key of {len(key)} bytes; composite keys have 8..511 bytes" in str(error)
+
+
+@pytest.mark.parametrize("kind", ["value", "list"])
+def test_value_of_a_ttl_state_without_its_timestamp(
+    new_backend: BackendFactory, storage: CheckpointStorage, kind: str
+) -> None:
+    """Regression (found by tests/fuzz): a TTL state's value shorter than its 8-byte timestamp restored,
+    and reading it failed with ``struct.error``."""
+    ttl = {"ttl_ms": 1000, "update": "on_create_and_write", "visibility": "never_return_expired",
+           "cleanup_in_snapshot": False}  # fmt: skip
+    meta = valid_meta(states=[{**valid_meta()["states"][0], "kind": kind, "ttl": ttl}])
+    entries = sample_entries()
+    kg = min(entries)
+    good = struct.pack(">q", 10**12) + INT.serialize(1)
+    value = {"value": b"\x00\x01\x02", "list": struct.pack(">qI", 10**12, 99) + b"short"}[kind]
+    entries = {g: [(k, good if kind == "value" else struct.pack(">qI", 10**12, 8) + INT.serialize(1)) for k, _ in e]
+               for g, e in entries.items()}  # fmt: skip
+    entries[kg][0] = (entries[kg][0][0], value)
+    completed, handle = craft(storage, json.dumps(meta).encode(), entries)
+    error = restore_error(new_backend, completed, handle)
+    assert f"key group {kg}" in str(error)
+    assert "state 'count'" in str(error)
+
+
+def test_a_ttl_state_with_its_timestamps_restores(new_backend: BackendFactory, storage: CheckpointStorage) -> None:
+    ttl = {"ttl_ms": 1000, "update": "on_create_and_write", "visibility": "never_return_expired",
+           "cleanup_in_snapshot": False}  # fmt: skip
+    meta = valid_meta(states=[{**valid_meta()["states"][0], "ttl": ttl}])
+    entries = {g: [(k, struct.pack(">q", 10**12) + v) for k, v in e] for g, e in sample_entries().items()}
+    completed, handle = craft(storage, json.dumps(meta).encode(), entries)
+    backend = new_backend()
+    backend.restore([(completed, handle)])
+    assert sorted(backend.keys("count")) == list(range(20))
+
+
 def test_different_key_serializer_is_a_migration_error(new_backend: BackendFactory, storage: CheckpointStorage) -> None:
     completed, handle = snapshot_of(new_backend, storage)
     with pytest.raises(StateMigrationError) as info:
