@@ -9,6 +9,7 @@
     result = asyncio.run(run_job(job, JobConfig(checkpoint=CheckpointConfig(interval=0.5))))
 """
 
+from runtime import faults
 from runtime.config import CheckpointConfig, JobConfig, RestartStrategy
 from runtime.coordinator import CheckpointCoordinator, CheckpointFailureReason, SubtaskSnapshot
 from runtime.errors import (
@@ -89,6 +90,7 @@ __all__ = [
     "Watermark",
     "calculate_plan",
     "check_restore",
+    "faults",
     "load_checkpoint",
     "run_job",
     "submit",

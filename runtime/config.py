@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from statebackend.backends import StateBackend
+from storage.base import ObjectStore
+from storage.retry import RetryPolicy
 
 __all__ = ["CheckpointConfig", "JobConfig", "RestartStrategy"]
 
@@ -25,6 +28,11 @@ class CheckpointConfig:
             finish, and let tasks wait for a final checkpoint before they terminate.
         inline_threshold: state streams up to this many bytes are inlined in ``_metadata``.
         endpoint_url: S3 endpoint override (else ``AWS_ENDPOINT_URL``).
+        retry: how transient storage failures (``StorageUnavailableError``) of the checkpoint store
+            are retried, for stores that do not retry on their own (S3 does, in botocore); also used
+            to re-drive a ``_metadata`` commit whose outcome is unknown. ``None``: no retries.
+        wrap_store: wraps the checkpoint object store before the retry layer, e.g. in a
+            ``storage.faults.FaultyObjectStore`` for fault injection, or for instrumentation.
     """
 
     interval: float | None = None
@@ -37,6 +45,8 @@ class CheckpointConfig:
     checkpoints_after_tasks_finish: bool = True
     inline_threshold: int = 20 * 1024
     endpoint_url: str | None = None
+    retry: RetryPolicy | None = field(default_factory=RetryPolicy)
+    wrap_store: Callable[[ObjectStore], ObjectStore] | None = None
 
     def __post_init__(self) -> None:
         if self.interval is not None and self.interval <= 0:

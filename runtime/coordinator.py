@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from runtime import faults
 from runtime.config import CheckpointConfig
 from runtime.errors import CheckpointFailedError, JobFailedError, StopWithSavepointError
 from runtime.events import CheckpointOptions
 from runtime.plan import CheckpointPlan, PlanRejectedError, SubtaskId, SubtaskStatus, calculate_plan
 from storage.checkpoints import CheckpointStorage, CheckpointWriter, CompletedCheckpoint
-from storage.errors import KeystateError
+from storage.errors import CommitOutcomeUnknownError, KeystateError
 from storage.metadata import (
     CheckpointKind,
     CheckpointMetadata,
@@ -36,6 +37,7 @@ from storage.metadata import (
     SubtaskState,
 )
 from storage.retention import CompletedCheckpointStore
+from storage.retry import RetryPolicy
 from storage.topology import Topology
 
 __all__ = ["CheckpointCoordinator", "CheckpointFailureReason", "SubtaskSnapshot", "TaskGateway"]
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 _FINAL_RETRY_DELAY = 0.1
 """Seconds before a failed final checkpoint is retried (instead of waiting for the next periodic one)."""
+_ABORTED_KEPT = 64
+"""Aborted checkpoints whose late acknowledgements are still cleaned up."""
 
 
 class CheckpointFailureReason(StrEnum):
@@ -58,6 +62,8 @@ class CheckpointFailureReason(StrEnum):
     FINALIZE_CHECKPOINT_FAILURE = "finalize_checkpoint_failure"
     JOB_FAILOVER = "job_failover"
     COORDINATOR_SHUTDOWN = "coordinator_shutdown"
+    CHECKPOINT_SUBSUMED = "checkpoint_subsumed"
+    """A newer checkpoint completed first; not counted, as in Flink's ``CheckpointFailureManager``."""
 
     @property
     def counted(self) -> bool:
@@ -120,7 +126,9 @@ class CheckpointCoordinator:
         topology: the job's topology with effective max parallelism per operator.
         storage: checkpoint storage.
         config: checkpointing options.
-        on_fatal: called with the error when checkpoint failures exceed the tolerance.
+        on_fatal: called with an error that must stop the running deployment: a ``JobFailedError``
+            (checkpoint failures exceeded the tolerance, a commit outcome stayed unknown) ends the
+            job; anything else fails it over.
         next_checkpoint_id: the first id to use (restored id + 1 after a restore).
     """
 
@@ -155,6 +163,8 @@ class CheckpointCoordinator:
         self._background: set[asyncio.Task[object]] = set()
         self._finalizers: set[asyncio.Task[object]] = set()
         self._store_lock = asyncio.Lock()
+        self._aborted_writers: dict[int, CheckpointWriter] = {}
+        """Writers of recently aborted checkpoints, to discard the files of acknowledgements that come late."""
         self.listeners: list[Callable[[CompletedCheckpoint], None]] = []
         self.failure_listeners: list[Callable[[int, CheckpointFailureReason, str], None]] = []
         self.completed = 0
@@ -319,7 +329,12 @@ class CheckpointCoordinator:
     def acknowledge(self, sub: SubtaskId, checkpoint_id: int, snapshot: SubtaskSnapshot) -> None:
         pending = self._pending.get(checkpoint_id)
         if pending is None or pending.finalizing:
-            return  # late ack of an aborted checkpoint: its writer removed (or removes) the files
+            # A late ack of an aborted checkpoint: its files may have been published after the abort
+            # removed the others, so they go now (Flink's discardSubtaskState).
+            writer = self._aborted_writers.get(checkpoint_id)
+            if writer is not None and (snapshot.keyed or snapshot.operator):
+                self._spawn(asyncio.to_thread(self._discard_late, writer, snapshot), f"discard-{checkpoint_id}")
+            return
         if sub not in pending.plan.tasks_to_wait_for or sub in pending.acks:
             log.warning("unexpected acknowledgement of checkpoint %d from %s", checkpoint_id, sub)
             return
@@ -396,7 +411,12 @@ class CheckpointCoordinator:
             self._abort(pending, CheckpointFailureReason.CHECKPOINT_DECLINED_TASK_CLOSING, str(exc))
             return
         try:
-            completed = await asyncio.to_thread(pending.writer.commit, metadata)
+            completed = await asyncio.to_thread(self._commit, pending, metadata)
+        except CommitOutcomeUnknownError as exc:
+            resolved = await self._resolve_unknown_commit(pending, metadata, exc)
+            if resolved is None:
+                return
+            completed = resolved
         except (KeystateError, OSError) as exc:
             self._abort(
                 pending,
@@ -408,6 +428,17 @@ class CheckpointCoordinator:
             return
         if pending.timer is not None:
             pending.timer.cancel()
+        if completed.kind is CheckpointKind.CHECKPOINT:
+            async with self._store_lock:  # one retention change at a time, in id order
+                newest = self.store.latest()
+                if newest is not None and newest.checkpoint_id > completed.checkpoint_id:
+                    # A newer checkpoint completed first (concurrent checkpoints): this one is subsumed at
+                    # once and never reported complete, so lower ids never commit after higher ones
+                    # (reference H2). Flink aborts such a pending checkpoint as CHECKPOINT_SUBSUMED.
+                    await asyncio.to_thread(self._discard_quietly, completed)
+                    self._subsumed(pending, newest.checkpoint_id)
+                    return
+                await asyncio.to_thread(self.store.add, completed)
         self._failures = 0
         self._last_completion = time.monotonic()
         self.completed += 1
@@ -415,20 +446,17 @@ class CheckpointCoordinator:
             self.latest = completed
         if self._final_after is not None and pending.checkpoint_id >= self._final_after:
             self._final_after = None
-        subsumed = False
-        if completed.kind is CheckpointKind.CHECKPOINT:
-            async with self._store_lock:  # one retention change at a time, in id order
-                newest = self.store.latest()
-                subsumed = newest is not None and newest.checkpoint_id > completed.checkpoint_id
-                if subsumed:
-                    # A newer checkpoint completed first (concurrent checkpoints): this one is subsumed
-                    # at once, and lower ids never commit after higher ones (reference H2).
-                    log.info("checkpoint %d completed after a newer one and is subsumed", completed.checkpoint_id)
-                    await asyncio.to_thread(self._discard_quietly, completed)
-                else:
-                    await asyncio.to_thread(self.store.add, completed)
+        failing_over = False
+        try:
+            faults.point("metadata.commit.after", checkpoint_id=pending.checkpoint_id)
+        except Exception as exc:
+            # As if the coordinator died right after the commit: nobody is notified, and the job fails
+            # over to this (complete, retained) checkpoint, whose sinks then commit on restore.
+            log.warning("failing over after checkpoint %d completed: %s", pending.checkpoint_id, exc)
+            failing_over = True
+            self._on_fatal(exc)
         # Regular savepoints commit no side effects; checkpoints and stop-with-savepoint do (H1).
-        if not subsumed and not (pending.options.is_savepoint and not pending.options.synchronous):
+        if not failing_over and not (pending.options.is_savepoint and not pending.options.synchronous):
             for sub in sorted(pending.plan.tasks_to_commit_to):
                 task = self._tasks.get(sub)
                 if task is not None:
@@ -442,11 +470,83 @@ class CheckpointCoordinator:
             if self._final_after is not None:
                 self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
 
+    @staticmethod
+    def _commit(pending: _Pending, metadata: CheckpointMetadata) -> CompletedCheckpoint:
+        faults.point("metadata.commit.before", checkpoint_id=pending.checkpoint_id)
+        return pending.writer.commit(metadata)
+
+    async def _resolve_unknown_commit(
+        self, pending: _Pending, metadata: CheckpointMetadata, error: CommitOutcomeUnknownError
+    ) -> CompletedCheckpoint | None:
+        """The ``_metadata`` write may or may not have landed. Commit the identical bytes again until
+        the outcome is known (docs/format.md section 2): now complete, or found in place (ours), or
+        another writer's (a failed commit). Meanwhile the checkpoint stays pending, so a failover waits
+        for the answer (:meth:`settle`) instead of restoring an older checkpoint whose sinks would
+        abort transactions this one may have committed. Still unknown after the retries: the job
+        fails for good, keeping the files; a restart finds out from storage which checkpoint is latest.
+
+        Returns:
+            The completed checkpoint, or ``None`` when the checkpoint was aborted or the job failed.
+        """
+        policy = self.config.retry or RetryPolicy()
+        cid = pending.checkpoint_id
+        for attempt in range(1, policy.max_attempts + 1):
+            log.warning("commit of checkpoint %d has an unknown outcome (%s); committing again (%d of %d)",
+                        cid, error, attempt, policy.max_attempts)  # fmt: skip
+            await asyncio.sleep(policy.backoff(attempt))
+            try:
+                return await asyncio.to_thread(pending.writer.commit, metadata)
+            except CommitOutcomeUnknownError as exc:
+                error = exc
+            except (KeystateError, OSError) as exc:
+                self._abort(
+                    pending,
+                    CheckpointFailureReason.FINALIZE_CHECKPOINT_FAILURE,
+                    f"Could not finalize the pending checkpoint {cid}: {exc}",
+                )
+                return None
+        message = (
+            f"the commit of checkpoint {cid} has an unknown outcome after {policy.max_attempts} more attempts "
+            f"({error}); its files are kept. Restart the job from its latest completed checkpoint"
+        )
+        if self._pending.pop(cid, None) is not None:
+            if pending.timer is not None:
+                pending.timer.cancel()
+            if not pending.future.done():
+                pending.future.set_exception(CheckpointFailedError(CheckpointFailureReason.FINALIZE_CHECKPOINT_FAILURE,
+                                                                   message))  # fmt: skip
+                pending.future.exception()
+        self._on_fatal(JobFailedError(message))
+        return None
+
+    @staticmethod
+    def _discard_late(writer: CheckpointWriter, snapshot: SubtaskSnapshot) -> None:
+        handles = [h.stream for h in snapshot.keyed] + [h.stream for h in snapshot.operator]
+        try:
+            writer.discard(handles)
+        except KeystateError as exc:
+            log.warning("could not remove late state files of aborted checkpoint %s: %s", writer.location, exc)
+
     def _discard_quietly(self, checkpoint: CompletedCheckpoint) -> None:
         try:
             self.storage.discard(checkpoint)
         except KeystateError as exc:
             log.warning("could not discard subsumed checkpoint %s: %s", checkpoint.location, exc)
+
+    def _subsumed(self, pending: _Pending, newer: int) -> None:
+        """A committed checkpoint discarded because ``newer`` completed first: reported as failed."""
+        message = f"checkpoint {pending.checkpoint_id} completed after checkpoint {newer} and is subsumed"
+        log.info("%s", message)
+        reason = CheckpointFailureReason.CHECKPOINT_SUBSUMED
+        for listener in self.failure_listeners:
+            listener(pending.checkpoint_id, reason, message)
+        if not pending.future.done():
+            pending.future.set_exception(CheckpointFailedError(reason, message))
+            pending.future.exception()  # retrieved: awaiting callers still get it
+        if self._final_requested and not self._pending:
+            self._final_requested = False
+            if self._final_after is not None:
+                self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
 
     def _abort(self, pending: _Pending, reason: CheckpointFailureReason, message: str) -> None:
         if self._pending.pop(pending.checkpoint_id, None) is None:
@@ -454,6 +554,9 @@ class CheckpointCoordinator:
         if pending.timer is not None:
             pending.timer.cancel()
         log.info("checkpoint %d aborted (%s): %s", pending.checkpoint_id, reason.value, message)
+        self._aborted_writers[pending.checkpoint_id] = pending.writer
+        while len(self._aborted_writers) > _ABORTED_KEPT:
+            del self._aborted_writers[next(iter(self._aborted_writers))]
         for sub in sorted(pending.plan.tasks_to_commit_to):
             task = self._tasks.get(sub)
             if task is not None:

@@ -28,10 +28,11 @@ from runtime.plan import SubtaskId, pointwise_targets
 from runtime.restore_rules import check_restore
 from runtime.task import Task, TaskRestore
 from statebackend.backends import StateBackend, state_backend
-from storage.checkpoints import CompletedCheckpoint
+from storage.checkpoints import CheckpointStorage, CompletedCheckpoint
+from storage.retry import with_retries
 from storage.streams import StreamOptions
 from storage.topology import Topology
-from storage.uri import open_storage
+from storage.uri import open_storage, open_store, parse_location
 
 __all__ = ["JobClient", "JobResult", "JobStatus", "load_checkpoint", "run_job", "submit"]
 
@@ -129,9 +130,13 @@ class _Execution:
         self.initial_restore = restore
         self.topology = effective_topology(graph.topology(), restore)
         ckpt = config.checkpoint
-        storage = open_storage(
-            ckpt.storage,
-            endpoint_url=ckpt.endpoint_url,
+        location = parse_location(ckpt.storage)
+        store = open_store(location, endpoint_url=ckpt.endpoint_url)
+        if ckpt.wrap_store is not None:
+            store = ckpt.wrap_store(store)
+        storage = CheckpointStorage(
+            with_retries(store, ckpt.retry),
+            location.path,
             options=StreamOptions(inline_threshold=ckpt.inline_threshold),
         )
         self.backend: StateBackend = (
@@ -273,6 +278,9 @@ class _Execution:
                             failure = error
                         return self._result(attempt, failure)
                     log.warning("job %s: %s; restarting (attempt %d)", self.job_id, failure, attempt + 1)
+                    if failure is self._stop_error:  # a failover requested by the coordinator, not a stop
+                        self._stop_error = None
+                        self._stop_event.clear()
                 else:
                     self.status = JobStatus.FINISHED
                     return self._result(attempt)

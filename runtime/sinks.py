@@ -23,13 +23,16 @@ import asyncio
 import json
 import uuid
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
+from runtime import faults
 from runtime.operators import Operator
 from statebackend.serializers import JsonSerializer
 from statebackend.state import ListStateDescriptor
 from storage.base import ObjectStore, PutMode, join_key
 from storage.errors import AlreadyExistsError, NotFoundError
+from storage.retry import RetryPolicy, with_retries
 from storage.uri import open_store, parse_location
 
 __all__ = ["TransactionalFileSink", "TwoPhaseCommitSink"]
@@ -80,7 +83,8 @@ class TwoPhaseCommitSink(Operator):
         pending = self.ctx.get_list_state(_PENDING)
         current = self.ctx.get_list_state(_CURRENT)
         for entry in sorted(pending.get(), key=lambda e: (e["checkpoint_id"], e["txn"])):
-            await self.commit(entry["txn"], entry["info"])  # recoverAndCommit: part of a completed checkpoint
+            # recoverAndCommit: part of a completed checkpoint
+            await self._commit_traced(entry["checkpoint_id"], entry["txn"], entry["info"])
         for txn in current.get():
             await self.abort(txn)  # recoverAndAbort: written after the checkpoint
         pending.clear()
@@ -113,8 +117,14 @@ class TwoPhaseCommitSink(Operator):
     async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
         for c, txn, info in self._pending:
             if c <= checkpoint_id:
-                await self.commit(txn, info)
+                await self._commit_traced(c, txn, info)
         self._pending = [p for p in self._pending if p[0] > checkpoint_id]
+
+    async def _commit_traced(self, checkpoint_id: int, transaction: str, info: Any) -> None:
+        context = {"uid": self.ctx.uid, "index": self.ctx.subtask_index, "checkpoint_id": checkpoint_id}
+        faults.point("sink.commit.before", txn=transaction, **context)
+        await self.commit(transaction, info)
+        faults.point("sink.commit.after", txn=transaction, **context)
 
     async def close(self) -> None:
         if self._current is not None:
@@ -125,19 +135,38 @@ class TwoPhaseCommitSink(Operator):
 class TransactionalFileSink(TwoPhaseCommitSink):
     """Writes records as JSON lines into ``location`` (a path, ``file://`` or ``s3://`` URI),
     one committed object per transaction: ``<location>/<uid>-<subtask>-<random>.jsonl``.
+
+    Args:
+        location: where committed files go (staged ones under ``_staging/``).
+        endpoint_url: S3 endpoint override.
+        retry: retries of transient storage failures for stores that do not retry on their own
+            (``storage.retry``); ``None``: none.
+        wrap_store: wraps the object store before the retry layer (e.g. ``FaultyObjectStore``).
     """
 
-    def __init__(self, location: str, *, endpoint_url: str | None = None) -> None:
+    def __init__(
+        self,
+        location: str,
+        *,
+        endpoint_url: str | None = None,
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, shared safely
+        wrap_store: Callable[[ObjectStore], ObjectStore] | None = None,
+    ) -> None:
         super().__init__()
         self.location = location
         self._endpoint_url = endpoint_url
+        self._retry = retry
+        self._wrap_store = wrap_store
         self._store: ObjectStore | None = None
         self._base = ""
         self._buffers: dict[str, list[str]] = {}
 
     async def initialize_state(self) -> None:
         parsed = parse_location(self.location)
-        self._store = open_store(parsed, endpoint_url=self._endpoint_url)
+        store = open_store(parsed, endpoint_url=self._endpoint_url)
+        if self._wrap_store is not None:
+            store = self._wrap_store(store)
+        self._store = with_retries(store, self._retry)
         self._base = parsed.path
         await super().initialize_state()
 

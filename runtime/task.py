@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from runtime import faults
 from runtime.channels import InputGate
 from runtime.coordinator import SubtaskSnapshot
 from runtime.errors import StopWithSavepointError, TaskFailedError
@@ -41,6 +42,7 @@ from statebackend.backends import StateBackend
 from statebackend.operator_state import OperatorSnapshot
 from statebackend.state import KeyedSnapshot, KeyedStateBackend
 from storage.checkpoints import CheckpointWriter, CompletedCheckpoint
+from storage.errors import KeystateError
 from storage.keygroups import key_group_range_for_subtask
 from storage.metadata import KeyedStateHandle, OperatorStateHandle
 
@@ -382,6 +384,7 @@ class Task:
                     self._operator.on_watermark(MAX_WATERMARK)
                 await self._output.broadcast(MAX_WATERMARK)
             if self._opened and self._operator is not None:
+                faults.point("task.finish", uid=self.id.uid, index=self.id.index)
                 await self._operator.finish()
         self._operators_finished = True
         await self._output.broadcast(EndOfData(mode))
@@ -451,6 +454,7 @@ class Task:
         if checkpoint_id <= self._last_notified:
             return
         self._last_notified = checkpoint_id
+        faults.point("notify.complete", uid=self.id.uid, index=self.id.index, checkpoint_id=checkpoint_id)
         if self._opened and self._operator is not None:
             await self._operator.notify_checkpoint_complete(checkpoint_id)
         sync = self._sync_savepoint_id
@@ -486,6 +490,7 @@ class Task:
         assert operator is not None
         await operator.prepare_snapshot_pre_barrier(checkpoint_id)
         await operator.snapshot_state(checkpoint_id)
+        faults.point("snapshot.sync", uid=self.id.uid, index=self.id.index, checkpoint_id=checkpoint_id)
         keyed = self._keyed.snapshot() if self._keyed is not None else None  # synchronous part: O(1)
         ops = self._operator_backend.snapshot()
         finished = self._operators_finished
@@ -521,12 +526,27 @@ class Task:
         self, writer: CheckpointWriter, keyed: KeyedSnapshot | None, ops: OperatorSnapshot
     ) -> tuple[KeyedStateHandle | None, OperatorStateHandle | None]:
         hint = f"{self.spec.uid}/{self.id.index}"
+        context = {"uid": self.id.uid, "index": self.id.index, "checkpoint_id": writer.checkpoint_id}
         try:
+            faults.point("snapshot.async", **context)
             keyed_handle = keyed.write(writer, f"{hint}/keyed") if keyed is not None else None
         finally:
             if keyed is not None:
                 keyed.release()
-        return keyed_handle, ops.write(writer, f"{hint}/operator")
+        op_handle: OperatorStateHandle | None = None
+        try:
+            op_handle = ops.write(writer, f"{hint}/operator")
+            faults.point("snapshot.async.done", **context)
+        except BaseException:
+            # The checkpoint will never use what this snapshot wrote; if it was aborted meanwhile,
+            # nobody else removes these files any more.
+            written = [h.stream for h in (keyed_handle, op_handle) if h is not None]
+            try:
+                writer.discard(written)
+            except KeystateError as exc:
+                log.warning("task %s: could not remove state files of a failed snapshot: %s", self.name, exc)
+            raise
+        return keyed_handle, op_handle
 
     # --- finishing -----------------------------------------------------------------------------------
 
@@ -548,6 +568,7 @@ class Task:
         if self._async_parts:
             await asyncio.wait(self._async_parts)  # waitForPendingCheckpoints
         if self._opened and self._operator is not None:
+            faults.point("task.close", uid=self.id.uid, index=self.id.index)  # raising: cleanup closes
             self._opened = False  # close() runs once, also if it raises (cleanup must not repeat it)
             await self._operator.close()
         await self._output.broadcast(END_OF_PARTITION)

@@ -44,6 +44,7 @@ from storage.errors import (
     UnsafePathError,
     UnsupportedFormatVersionError,
 )
+from storage.faults import Fault, FaultRule, FaultyObjectStore
 from storage.keygroups import (
     KeyGroupRange,
     default_max_parallelism,
@@ -65,6 +66,7 @@ from storage.metadata import (
     SubtaskState,
 )
 from storage.retention import CompletedCheckpointStore
+from storage.retry import RetryingObjectStore, RetryPolicy, with_retries
 from storage.statefile import Compression, StateFileReader, StateFileWriter
 from storage.streams import StateOutputStream, StreamOptions
 from storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
@@ -90,6 +92,9 @@ __all__ = [
     "Compression",
     "CredentialsError",
     "DistributionMode",
+    "Fault",
+    "FaultRule",
+    "FaultyObjectStore",
     "FormatError",
     "HandleScope",
     "InputEdge",
@@ -113,6 +118,8 @@ __all__ = [
     "Partitioning",
     "PutMode",
     "RequestOutcomeUnknownError",
+    "RetryPolicy",
+    "RetryingObjectStore",
     "S3ObjectStore",
     "StateFileError",
     "StateFileReader",
@@ -136,4 +143,5 @@ __all__ = [
     "open_store",
     "operator_index_for_key_group",
     "parse_location",
+    "with_retries",
 ]

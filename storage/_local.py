@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -73,15 +74,44 @@ class LocalObjectStore(ObjectStore):
 
     # --- reads ---------------------------------------------------------------------------------------
 
+    def _open_regular(self, key: str) -> BinaryIO:
+        """Open an object for reading: a regular file, not followed through a final symlink.
+
+        A FIFO or device in its place would block or stream forever, and a symlink could point
+        outside the checkpoint; neither is an object keystate wrote, so both are refused.
+        """
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StorageError(
+                    f"cannot read {self.describe(key)}: it is a symbolic link; keystate does not follow links "
+                    "inside checkpoint storage"
+                ) from exc
+            self._fail(exc, "read", key)
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            if regular:
+                os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not regular:
+            os.close(fd)
+            raise NotFoundError(f"cannot read {self.describe(key)}: not a regular file")
+        return os.fdopen(fd, "rb")
+
     def get(self, key: str) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with self._open_regular(key) as f:
+                return f.read()
         except OSError as exc:
             self._fail(exc, "read", key)
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         try:
-            with open(self._path(key), "rb") as f:
+            with self._open_regular(key) as f:
                 # Never ask read() for more than the file holds: it allocates the requested size up front.
                 available = os.fstat(f.fileno()).st_size - start
                 f.seek(start)
@@ -90,20 +120,27 @@ class LocalObjectStore(ObjectStore):
             self._fail(exc, "read", key)
 
     def open_reader(self, key: str, start: int = 0) -> ObjectReader:
+        f = self._open_regular(key)
         try:
-            f = open(self._path(key), "rb")  # noqa: SIM115 - returned to the caller, who closes it
+            f.seek(start)
         except OSError as exc:
+            f.close()
             self._fail(exc, "read", key)
-        f.seek(start)
         return f
 
     def size(self, key: str) -> int:
+        path = self._path(key)
         try:
-            st = self._path(key).stat()
+            st = path.lstat()
         except OSError as exc:
             self._fail(exc, "stat", key)
-        if not os.path.isfile(self._path(key)):
-            raise NotFoundError(f"{self.describe(key)} is not a file")
+        if stat.S_ISDIR(st.st_mode):
+            raise NotFoundError(f"{self.describe(key)} is a directory, not an object")
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise StorageError(
+                f"{self.describe(key)} is {kind}; keystate only reads regular files it wrote (links are not followed)"
+            )
         return st.st_size
 
     # --- writes --------------------------------------------------------------------------------------
@@ -181,6 +218,25 @@ class LocalObjectStore(ObjectStore):
         except OSError as exc:
             self._fail(exc, "delete", key)
 
+    def remove_empty_dirs(self, prefix: str) -> None:
+        """Remove ``prefix`` and its sub-directories that are empty, bottom up, never a file.
+
+        ``os.rmdir`` refuses a non-empty directory atomically, so a file another writer creates
+        meanwhile is never lost (its directory simply stays).
+        """
+        top = self._path(prefix) if prefix else self._root
+        if not top.is_dir():
+            return
+        for dirpath, _, _ in sorted(os.walk(top), key=lambda entry: len(entry[0]), reverse=True):
+            try:
+                os.rmdir(dirpath)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    continue
+                self._fail(exc, "delete", prefix)
+
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
         try:
@@ -231,10 +287,16 @@ class _LocalWriter(ObjectWriter):
         self._f: BinaryIO | None = f
         self._mode = mode
         self._written = 0
+        self._completed = False
 
     @property
     def bytes_written(self) -> int:
         return self._written
+
+    def flush(self) -> None:
+        """Hand the bytes buffered in this process to the OS (not durable: no fsync)."""
+        if self._f is not None:
+            self._f.flush()
 
     def write(self, data: bytes | memoryview) -> None:
         if self._f is None:
@@ -249,7 +311,11 @@ class _LocalWriter(ObjectWriter):
     def close(self) -> None:
         f = self._f
         if f is None:
-            return
+            if self._completed:
+                return
+            raise StorageError(
+                f"{self._store.describe(self._key)}: the write was aborted or failed; nothing is visible"
+            )
         self._f = None
         try:
             f.flush()
@@ -261,6 +327,7 @@ class _LocalWriter(ObjectWriter):
             self._tmp.unlink(missing_ok=True)
             self._store._fail(exc, "write", self._key)
         self._store._publish(self._tmp, self._path, self._mode, self._key)
+        self._completed = True
 
     def abort(self) -> None:
         f = self._f

@@ -89,22 +89,30 @@ class _MemoryWriter(ObjectWriter):
         self._key = key
         self._mode = mode
         self._buf: io.BytesIO | None = io.BytesIO()
+        self._completed = False
+        self._written = 0
 
     @property
     def bytes_written(self) -> int:
-        return 0 if self._buf is None else self._buf.tell()
+        return self._written
 
     def write(self, data: bytes | memoryview) -> None:
         if self._buf is None:
             raise StorageError(f"write to {self._store.describe(self._key)} after close or abort")
         self._buf.write(data)
+        self._written += len(data)
 
     def close(self) -> None:
         if self._buf is None:
-            return
+            if self._completed:
+                return
+            raise StorageError(
+                f"{self._store.describe(self._key)}: the write was aborted or failed; nothing is visible"
+            )
         data = self._buf.getvalue()
         self._buf = None
         self._store.put(self._key, data, self._mode)
+        self._completed = True
 
     def abort(self) -> None:
         self._buf = None

@@ -106,7 +106,8 @@ def make_s3_client(
 
 
 class S3ObjectStore(ObjectStore):
-    """Objects under ``s3://bucket/prefix``.
+    """Objects under ``s3://bucket/prefix``. Throttling, 5xx and connection errors are retried by
+    botocore (``retries_transient_errors``).
 
     Args:
         bucket: the bucket name.
@@ -116,6 +117,8 @@ class S3ObjectStore(ObjectStore):
         part_size: multipart part size in bytes (at least 5 MiB).
         upload_concurrency: parts of one stream uploaded at once.
     """
+
+    retries_transient_errors = True
 
     def __init__(
         self,
@@ -394,6 +397,7 @@ class _S3Writer(ObjectWriter):
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
         self._closed = False
+        self._completed = False
 
     @property
     def bytes_written(self) -> int:
@@ -444,11 +448,16 @@ class _S3Writer(ObjectWriter):
 
     def close(self) -> None:
         if self._closed:
-            return
+            if self._completed:
+                return
+            raise StorageError(
+                f"{self._store.describe(self._key)}: the write was aborted or failed; nothing is visible"
+            )
         if self._upload_id is None:
             self._closed = True
             self._store.put(self._key, bytes(self._buf), self._mode)
             self._buf = bytearray()
+            self._completed = True
             return
         try:
             if self._buf:
@@ -471,8 +480,11 @@ class _S3Writer(ObjectWriter):
             self.abort()
             raise
         self._closed = True
+        self._completed = True
 
     def abort(self) -> None:
+        if self._completed:
+            return  # the object is complete: nothing to discard
         self._closed = True
         self._buf = bytearray()
         upload_id, self._upload_id = self._upload_id, None

@@ -63,11 +63,12 @@ class ObjectWriter(ABC):
 
     @abstractmethod
     def close(self) -> None:
-        """Complete the object: durable and visible when this returns.
+        """Complete the object: durable and visible when this returns. Closing again does nothing.
 
         Raises:
             AlreadyExistsError: the writer was opened with ``PutMode.CREATE`` and the key now exists.
-            StorageError: the object could not be completed; nothing is visible.
+            StorageError: the object could not be completed, or the writer was aborted (possibly by
+                another thread while it was being written); nothing is visible.
         """
 
     @abstractmethod
@@ -122,6 +123,10 @@ def join_key(*parts: str) -> str:
 
 class ObjectStore(ABC):
     """Immutable objects under keys relative to a root; see the module docstring for the contract."""
+
+    retries_transient_errors: bool = False
+    """Whether the store already retries throttling, 5xx and connection errors itself (S3: botocore's
+    retry mode). Callers wrap stores that do not in :class:`storage.retry.RetryingObjectStore`."""
 
     @abstractmethod
     def describe(self, key: str = "") -> str:
@@ -199,3 +204,10 @@ class ObjectStore(ABC):
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object under the directory ``prefix``; a missing prefix does nothing."""
         self.delete_many([info.key for info in self.list_objects(prefix)])
+
+    def remove_empty_dirs(self, prefix: str) -> None:  # noqa: B027 - a hook: nothing to do without directories
+        """Remove ``prefix`` and the directories below it that hold no object, never an object.
+
+        Only stores with real directories (local disk) have anything to do; on S3 and in memory a
+        "directory" exists only while an object lies under it, so the default does nothing.
+        """

@@ -20,8 +20,10 @@ import logging
 import re
 import threading
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from storage import validation
 from storage.base import ObjectStore, PutMode, join_key
 from storage.errors import (
     AlreadyExistsError,
@@ -38,7 +40,6 @@ from storage.errors import (
 from storage.metadata import JOB_ID_PATTERN, CheckpointKind, CheckpointMetadata, HandleScope, StreamHandle
 from storage.statefile import BytesSource, StateFileReader, StoreSource
 from storage.streams import StateOutputStream, StreamOptions, state_file_name
-from storage.validation import MAX_DOCUMENT_BYTES
 
 __all__ = [
     "METADATA_FILE",
@@ -149,6 +150,7 @@ class CheckpointWriter:
         self._done = False  # no new streams, no second commit
         self._committed = False
         self._commit_failed = False  # the commit definitely did not happen: abort may remove our files
+        self._uncertain: bytes | None = None  # the metadata of a commit whose outcome is unknown
         self._aborted = False
 
     @property
@@ -157,6 +159,10 @@ class CheckpointWriter:
 
     def _track(self, key: str) -> None:
         with self._lock:
+            if self._aborted:
+                # A stream still being written when the checkpoint was aborted: it must not create
+                # an object that abort() can no longer remove (raising here aborts that stream).
+                raise StorageError(f"{self.location}: the checkpoint was aborted; no new state files")
             self._written.append(key)
 
     def open_stream(self, hint: str, scope: HandleScope = HandleScope.EXCLUSIVE) -> StateOutputStream:
@@ -184,6 +190,10 @@ class CheckpointWriter:
     def commit(self, metadata: CheckpointMetadata) -> CompletedCheckpoint:
         """Write ``_metadata`` create-only: the commit point of the checkpoint.
 
+        After ``CommitOutcomeUnknownError`` the same metadata may be committed again: the create-only
+        write either lands now, or finds the identical bytes of the earlier attempt (complete), or
+        another writer's (``CommitConflictError``).
+
         Raises:
             CommitConflictError: another writer already committed this checkpoint id.
             CommitFailedError: the commit did not happen; nothing changed.
@@ -198,11 +208,13 @@ class CheckpointWriter:
                 f"metadata for {metadata.kind} {metadata.checkpoint_id} of job {metadata.job_id} does not match "
                 f"the location {self.location} ({self.kind} {self.checkpoint_id} of job {self.job_id})"
             )
+        data = metadata.to_json_bytes()
         with self._lock:
-            if self._done:
+            if self._uncertain is not None and self._uncertain != data:
+                raise ValueError(f"{self.location}: a commit whose outcome is unknown can only be retried as it was")
+            if self._done and self._uncertain is None:
                 raise CommitFailedError(f"{self.location}: checkpoint was already committed or aborted")
             self._done = True
-        data = metadata.to_json_bytes()
         key = join_key(self.directory, METADATA_FILE)
         store = self._storage.store
         try:
@@ -214,8 +226,16 @@ class CheckpointWriter:
                 self._resolve_existing(key, data, exc)
         except CommitFailedError:
             self._commit_failed = True
+            self._uncertain = None
             raise
+        except CommitOutcomeUnknownError:
+            # The same bytes may be committed again: identical bytes in place mean complete (section 2).
+            self._uncertain = data
+            raise
+        self._uncertain = None
         self._committed = True
+        with self._lock:
+            self._streams = []  # closed; each refers back to us (reference cycles keep memory until a gc pass)
         return CompletedCheckpoint(self._storage, self.directory, metadata)
 
     def _resolve_existing(self, key: str, data: bytes, cause: StorageError | None) -> None:
@@ -246,26 +266,52 @@ class CheckpointWriter:
         ) from cause
 
     def abort(self) -> None:
-        """Remove everything this checkpoint wrote (also after a ``CommitFailedError``). Completed
-        checkpoints are never touched: while a commit is in flight, after it succeeded, or after
-        ``CommitOutcomeUnknownError`` (the commit may still land) this does nothing."""
+        """Remove everything this checkpoint wrote (also after a ``CommitFailedError``), then the
+        checkpoint directory if nothing else is left in it. Completed checkpoints are never touched:
+        while a commit is in flight, after it succeeded, or after ``CommitOutcomeUnknownError`` (the
+        commit may still land) this does nothing. Objects other writers placed in the directory
+        (another coordinator writing the same checkpoint id) are never deleted: between any check and
+        the delete that writer could commit, and its checkpoint would lose its files."""
         with self._lock:
             if self._aborted or self._committed or (self._done and not self._commit_failed):
                 return
             self._aborted = True
             self._done = True
-            streams, written = list(self._streams), list(self._written)
+            streams, written = self._streams, list(self._written)
+            self._streams = []
         for stream in streams:
             stream.abort()
         store = self._storage.store
         try:
             store.delete_many(written)
-            # Files other writers (other processes) placed there, and empty local directories; unless
-            # another writer committed this checkpoint id meanwhile: a completed checkpoint is never touched.
-            if not self._storage._has_metadata(self.directory):
-                store.delete_prefix(self.directory)
+            store.remove_empty_dirs(self.directory)
         except StorageError as exc:
             log.warning("could not remove all files of aborted checkpoint %s: %s", self.location, exc)
+
+    def discard(self, handles: Iterable[StreamHandle]) -> None:
+        """Delete the state files of handles that will never be part of this checkpoint: a snapshot
+        that finished after the checkpoint was aborted, or the part of a snapshot that failed halfway.
+        Inline handles have no file. After :meth:`abort`, empty directories go too.
+
+        Raises:
+            StorageError: a file could not be deleted.
+        """
+        store = self._storage.store
+        keys = []
+        for handle in handles:
+            if handle.path is None or handle.scope is HandleScope.INLINE:
+                continue
+            base = self.directory
+            if handle.scope is HandleScope.SHARED:
+                base = join_key(self._storage.job_directory(self.job_id), SHARED_DIR)
+            keys.append(join_key(base, handle.path))
+        with self._lock:
+            if self._committed:
+                raise StorageError(f"{self.location}: cannot discard state files of a completed checkpoint")
+            aborted = self._aborted
+        store.delete_many(keys)
+        if aborted:
+            store.remove_empty_dirs(self.directory)
 
 
 class CheckpointStorage:
@@ -331,7 +377,9 @@ class CheckpointStorage:
         key = join_key(directory, METADATA_FILE)
         where = self.store.describe(key)
         try:
-            data = self.store.get_range(key, 0, MAX_DOCUMENT_BYTES + 1)
+            # One byte past the limit, read when called (the limit is configurable), so an oversized
+            # document is refused after reading at most that much.
+            data = self.store.get_range(key, 0, validation.MAX_DOCUMENT_BYTES + 1)
         except BucketNotFoundError:
             raise
         except NotFoundError as exc:
@@ -360,6 +408,17 @@ class CheckpointStorage:
     def _has_metadata(self, directory: str) -> bool:
         return self.store.exists(join_key(directory, METADATA_FILE))
 
+    def _maybe_complete(self, directory: str) -> bool:
+        """Whether a directory has ``_metadata``; one that cannot even be checked is reported (so
+        loading it shows the error) rather than failing the whole listing."""
+        try:
+            return self._has_metadata(directory)
+        except NotFoundError:
+            return False
+        except StorageError as exc:
+            log.warning("cannot check %s for %s: %s", self.store.describe(directory), METADATA_FILE, exc)
+            return True
+
     def discover(self, key: str = "") -> list[CheckpointPointer]:
         """Completed checkpoints and savepoints under ``key`` (relative to the base).
 
@@ -380,7 +439,7 @@ class CheckpointStorage:
                     scan(child, 1)
 
         scan(top, 0)
-        complete = [p for p in found if self._has_metadata(p.directory)]
+        complete = [p for p in found if self._maybe_complete(p.directory)]
         complete.sort(key=lambda p: (p.kind is CheckpointKind.CHECKPOINT, p.checkpoint_id or 0), reverse=True)
         return complete
 

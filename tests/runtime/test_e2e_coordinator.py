@@ -229,8 +229,7 @@ def test_concurrent_checkpoints_completing_out_of_order(tmp_path: Path, monkeypa
     monkeypatch.setattr(CheckpointWriter, "commit", slow_odd_commit)
 
     def out_of_order() -> bool:
-        order = [c.checkpoint_id for c in completed.checkpoints]
-        return order != sorted(order)
+        return any(reason is CheckpointFailureReason.CHECKPOINT_SUBSUMED for _, reason, _ in completed.failures)
 
     async def scenario() -> JobStatus:
         config = job_config(tmp_path, interval=0.01, max_concurrent=3, num_retained=2)
@@ -243,8 +242,15 @@ def test_concurrent_checkpoints_completing_out_of_order(tmp_path: Path, monkeypa
         return (await client.wait()).status
 
     assert run(scenario()) is JobStatus.FINISHED
+    # Listeners only ever see completions in id order: a subsumed one is reported as a failure instead.
+    order = [c.checkpoint_id for c in completed.checkpoints]
+    assert order == sorted(order)
+    subsumed = {i for i, reason, _ in completed.failures if reason is CheckpointFailureReason.CHECKPOINT_SUBSUMED}
+    assert subsumed
+    assert not subsumed & set(order)
     job_dir = next(p for p in (tmp_path / "checkpoints").iterdir() if p.name != "savepoints")
     on_disk = sorted(int(p.name.removeprefix("chk-")) for p in job_dir.glob("chk-*"))
+    assert not subsumed & set(on_disk)
     assert len(on_disk) <= 2, on_disk
     assert all((job_dir / f"chk-{i}" / "_metadata").is_file() for i in on_disk)
     output = committed(out)

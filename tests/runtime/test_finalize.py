@@ -305,6 +305,7 @@ COUNTED = {
     CheckpointFailureReason.CHECKPOINT_DECLINED_TASK_CLOSING: False,
     CheckpointFailureReason.JOB_FAILOVER: False,
     CheckpointFailureReason.COORDINATOR_SHUTDOWN: False,
+    CheckpointFailureReason.CHECKPOINT_SUBSUMED: False,
 }
 
 

@@ -17,7 +17,10 @@ from storage import (
     ObjectStore,
     PutMode,
     S3ObjectStore,
+    StorageError,
 )
+from storage.faults import OPERATIONS, Fault, FaultRule, FaultyObjectStore
+from storage.retry import RetryingObjectStore, RetryPolicy
 from tests.conftest import BUCKET
 
 
@@ -158,6 +161,48 @@ class ObjectStoreContract:
         assert store.get("empty") == b""
         assert store.size("empty") == 0
 
+    def test_close_after_abort_fails_and_leaves_nothing(self, store: ObjectStore) -> None:
+        # An abort from another thread (a checkpoint aborted mid-upload) must never let a later
+        # close() report success for an object that is not there.
+        writer = store.open_writer("w/late", PutMode.CREATE)
+        writer.write(b"abc")
+        writer.abort()
+        with pytest.raises(StorageError):
+            writer.close()
+        assert not store.exists("w/late")
+
+    def test_close_after_a_failed_close_fails_again(self, store: ObjectStore) -> None:
+        store.put("w/taken", b"old")
+        writer = store.open_writer("w/taken", PutMode.CREATE)
+        writer.write(b"new")
+        with pytest.raises(AlreadyExistsError):
+            writer.close()
+        with pytest.raises(StorageError):
+            writer.close()
+        assert store.get("w/taken") == b"old"
+
+    def test_close_is_idempotent_after_success_and_abort_then_does_nothing(self, store: ObjectStore) -> None:
+        writer = store.open_writer("w/done", PutMode.CREATE)
+        writer.write(b"abc")
+        writer.close()
+        writer.close()
+        writer.abort()
+        assert store.get("w/done") == b"abc"
+
+    def test_remove_empty_dirs_never_removes_an_object(self, store: ObjectStore) -> None:
+        store.put("e/a/b/keep", b"x")
+        writer = store.open_writer("e/a/c/gone")
+        writer.write(b"y")
+        writer.abort()
+        store.remove_empty_dirs("e")
+        assert store.get("e/a/b/keep") == b"x"
+        assert [o.key for o in store.list_objects("e")] == ["e/a/b/keep"]
+        assert store.list_dirs("e/a") == ["b"]
+        store.delete("e/a/b/keep")
+        store.remove_empty_dirs("e")
+        assert store.list_dirs("") == [d for d in store.list_dirs("") if d != "e"]
+        store.remove_empty_dirs("never/there")
+
 
 class TestLocalObjectStore(ObjectStoreContract):
     @pytest.fixture
@@ -182,6 +227,38 @@ class TestMemoryObjectStore(ObjectStoreContract):
     @pytest.fixture
     def store(self) -> ObjectStore:
         return MemoryObjectStore()
+
+
+class TestFaultyObjectStore(ObjectStoreContract):
+    """The fault-injection wrapper is a faithful store while no rule fires (rules that never match
+    are armed to make sure matching does not change behaviour)."""
+
+    @pytest.fixture(params=["local", "memory"])
+    def store(self, request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+        inner: ObjectStore = LocalObjectStore(tmp_path / "root") if request.param == "local" else MemoryObjectStore()
+        return FaultyObjectStore(
+            inner,
+            [
+                FaultRule(Fault.THROTTLE, OPERATIONS, key="unused-prefix/*"),
+                FaultRule(Fault.CRASH, OPERATIONS, probability=0.0),
+                FaultRule(Fault.INTERNAL_ERROR, "put", times=0),
+            ],
+            seed=1,
+        )
+
+    def test_local_empty_directories_are_removed(self, tmp_path: Path) -> None:
+        store = FaultyObjectStore(LocalObjectStore(tmp_path))
+        writer = store.open_writer("d/e/f")
+        writer.write(b"x")
+        writer.abort()
+        store.remove_empty_dirs("d")
+        assert not (tmp_path / "d").exists()
+
+
+class TestRetryingObjectStore(ObjectStoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> ObjectStore:
+        return RetryingObjectStore(LocalObjectStore(tmp_path / "root"), RetryPolicy(max_attempts=3, initial_backoff=0))
 
 
 class TestS3ObjectStore(ObjectStoreContract):

@@ -9,7 +9,6 @@ mapping) runs as in production.
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from storage import (
     make_s3_client,
     open_storage,
 )
+from storage.s3faults import S3FaultInjector, S3FaultRule, s3_error_response
 
 MISSING_BUCKET = "ks-no-such-bucket"
 JOB = "0123456789abcdef0123456789abcdef"
@@ -65,51 +65,18 @@ class _Body:
         self._data = b""
 
 
-def s3_error(request: Any, status: int, code: str) -> AWSResponse:
-    """An S3 error response as S3 sends it (HEAD responses carry no body, so the code is the status)."""
-    body = b""
-    if request.method != "HEAD":
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?>'
-            f"<Error><Code>{code}</Code><Message>injected {code}</Message><RequestId>t</RequestId></Error>"
-        ).encode()
-    headers = {"Content-Type": "application/xml", "Content-Length": str(len(body))}
-    return AWSResponse(request.url, status, headers, _Body(body))
+s3_error = s3_error_response
 
 
-class Injector:
-    """A ``before-send`` hook that answers matching requests with an S3 error.
+def Injector(
+    status: int, code: str, *, times: int | None = None, key_suffix: str = "", delay: float = 0.0
+) -> S3FaultInjector:
+    """The library's botocore hook answering matching requests with one S3 error (``storage.s3faults``).
 
-    Args:
-        status: the HTTP status to answer with.
-        code: the S3 error code.
-        times: answer only the first ``times`` matching attempts (``None``: every attempt); later
-            attempts go to the server.
-        key_suffix: only requests whose URL path ends with this match.
-        delay: seconds to wait before answering (keeps a request in flight).
+    ``times``: only the first ``times`` matching attempts (later ones reach the server);
+    ``key_suffix``: only requests whose URL path ends with it; ``delay``: seconds before answering.
     """
-
-    def __init__(
-        self, status: int, code: str, *, times: int | None = None, key_suffix: str = "", delay: float = 0.0
-    ) -> None:
-        self.status = status
-        self.code = code
-        self.times = times
-        self.key_suffix = key_suffix
-        self.delay = delay
-        self.attempts: list[Any] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, request: Any, **_: Any) -> AWSResponse | None:
-        if not request.url.split("?")[0].endswith(self.key_suffix):
-            return None
-        with self._lock:
-            self.attempts.append(request)
-            n = len(self.attempts)
-        if self.times is not None and n > self.times:
-            return None
-        time.sleep(self.delay)
-        return s3_error(request, self.status, self.code)
+    return S3FaultInjector([S3FaultRule(status=status, code=code, times=times, key=f"*{key_suffix}", delay=delay)])
 
 
 @pytest.fixture
