@@ -172,6 +172,11 @@ class OperatorStateEntry:
             )
         if not 1 <= len(self.serializer) <= 256:
             raise _invalid(f"operator state {self.name!r}: serializer name must have 1..256 characters")
+        for what, text in (("name", self.name), ("serializer name", self.serializer)):
+            try:
+                text.encode("utf-8")  # _metadata is UTF-8: a lone surrogate could be read but never written
+            except UnicodeEncodeError:
+                raise _invalid(f"operator state {what} {text!r} is not valid UTF-8 text (lone surrogate)") from None
         if any(b < a for a, b in zip(self.offsets, self.offsets[1:], strict=False)) or any(o < 0 for o in self.offsets):
             raise _invalid(f"operator state {self.name!r}: offsets must be non-negative and non-decreasing")
 

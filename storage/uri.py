@@ -53,6 +53,7 @@ def parse_location(uri: str) -> Location:
     if len(uri) > MAX_URI or "\x00" in uri:
         raise InvalidURIError(f"the storage location {uri[:60]!r}... is too long or has a NUL byte")
     if "://" not in uri:
+        _encodable(uri, uri)  # before expanduser, which looks '~name' up in the password database
         return _local(os.path.abspath(os.path.expanduser(uri)), uri)
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
@@ -75,6 +76,10 @@ def parse_location(uri: str) -> Location:
         if parts.query or parts.fragment:
             raise InvalidURIError(f"S3 URI '{uri}' has a query or fragment; give s3://bucket/prefix")
         prefix = unquote(parts.path).strip("/")
+        try:
+            prefix.encode("utf-8")  # S3 keys are UTF-8
+        except UnicodeEncodeError as exc:
+            raise InvalidURIError(f"S3 URI {uri!r} is not valid UTF-8 text (lone surrogate)") from exc
         return Location("s3", bucket, _checked(prefix, uri))
     raise InvalidURIError(f"unsupported storage scheme {parts.scheme!r} in '{uri}'; use a path, file:// or s3://")
 
@@ -88,9 +93,18 @@ def _checked(path: str, uri: str) -> str:
         raise InvalidURIError(f"'{uri}': {exc}") from exc
 
 
+def _encodable(path: str, uri: str) -> None:
+    """Raise unless the file system can be asked for ``path`` (a lone surrogate cannot be encoded)."""
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as exc:
+        raise InvalidURIError(f"file location {uri!r} cannot be encoded as a file name ({exc.reason})") from exc
+
+
 def _local(path: str, uri: str) -> Location:
     if not os.path.isabs(path):
         raise InvalidURIError(f"'{uri}': a file location must be an absolute path")
+    _encodable(path, uri)
     return Location("file", "", _checked(os.path.normpath(path).strip("/"), uri))
 
 

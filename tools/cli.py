@@ -105,15 +105,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             doc["verification"] = report.to_dict()
         _emit_json(doc)
     elif args.graph:
-        print(render_graph(summary, args.graph))
+        _print(render_graph(summary, args.graph))
     else:
-        print(render_summary(summary))
+        _print(render_summary(summary))
         if args.operator is not None:
-            print()
-            print(render_operator(summary, args.operator))
+            _print("")
+            _print(render_operator(summary, args.operator))
         if report is not None:
-            print()
-            print(render_verify(report))
+            _print("")
+            _print(render_verify(report))
     return EXIT_FAILED if report is not None and not report.ok else EXIT_OK
 
 
@@ -131,7 +131,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"root": args.root, "checkpoints": [r.to_dict(now) for r in rows]})
     else:
-        print(render_listing(rows, now))
+        _print(render_listing(rows, now))
     return EXIT_OK
 
 
@@ -143,7 +143,13 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     for record in dump_state(
         checkpoint, args.operator, state=args.state, key_group=args.key_group, unsafe=args.unsafe_unpickle
     ):
-        sys.stdout.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        if not line.isascii():
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (a damaged snapshot's state name): escape it
+                line = json.dumps(record, separators=(",", ":"))
+        sys.stdout.write(line + "\n")
     return EXIT_OK
 
 
@@ -203,7 +209,7 @@ def _cmd_check_restore(args: argparse.Namespace) -> int:
         doc["location"] = checkpoint.location
         _emit_json(doc)
     else:
-        print(render_report(report, len(topology.operators)))
+        _print(render_report(report, len(topology.operators)))
     return EXIT_OK if report.compatible else EXIT_FAILED
 
 
@@ -306,8 +312,23 @@ def build_parser(prog: str = "keystate") -> argparse.ArgumentParser:
     return parser
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)} | {
+    c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+}
+
+
+def printable(text: str) -> str:
+    """Text with control characters (terminal escapes, bidi overrides) shown as escapes: names and
+    paths in checkpoints are untrusted and must not drive the user's terminal."""
+    return text.translate(_CONTROL)
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(printable(text) + "\n")
+
+
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return printable(" ".join(str(exc).split())) or type(exc).__name__
 
 
 def run(argv: list[str] | None = None, prog: str = "keystate", parser: argparse.ArgumentParser | None = None) -> int:

@@ -8,6 +8,7 @@ passes ``unsafe=True`` (the CLI's explicit ``--unsafe-unpickle``).
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,9 +49,19 @@ def decode_value(data: bytes, serializer: str, *, unsafe: bool = False) -> Any:
     if ser is None:
         return {"serializer": serializer, "base64": base64.b64encode(data).decode("ascii")}
     try:
-        return _jsonable(ser.deserialize(data))
+        decoded = ser.deserialize(data)
     except KeystateError as exc:
         return {"serializer": serializer, "base64": base64.b64encode(data).decode("ascii"), "error": str(exc)}
+    try:
+        # Hostile bytes can decode to what JSON text cannot hold: Infinity, a lone surrogate, an int of
+        # more digits than Python prints, nesting deeper than the encoder goes. Such a value is shown
+        # raw, like an undecodable one.
+        value = _jsonable(decoded)
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as exc:
+        error = f"decoded value is not representable as JSON ({exc})"
+        return {"serializer": serializer, "base64": base64.b64encode(data).decode("ascii"), "error": error}
+    return value
 
 
 def dump_state(

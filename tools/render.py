@@ -46,7 +46,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
 
 
 def _time(ms: int) -> str:
-    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):  # valid metadata allows up to 2^63-1 ms, past year 9999
+        return f"{ms} ms since the epoch (after year 9999)"
 
 
 def _status(status: OperatorStatus, finished: list[int]) -> str:

@@ -387,3 +387,20 @@ def test_valid_mutations_are_accepted() -> None:
     doc = copy.deepcopy(sample_doc())
     doc["operators"][3]["inputs"] = []
     assert parse(doc).operator("audit") is not None
+
+
+STRING_FIELDS = [path for path, value in walk(sample_doc()) if isinstance(value, str)]
+
+
+@pytest.mark.parametrize("path", STRING_FIELDS, ids=show)
+def test_a_lone_surrogate_in_any_string_field_is_rejected(path: JsonPath) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"); no writer produces one and it cannot be printed or
+    written as UTF-8, so the parser names the field instead of handing the string on."""
+
+    def change(node: Any, key: str | int) -> None:
+        node[key] = "x\ud800"
+
+    doc = json.dumps(mutated(path, change)).encode()  # ensure_ascii: the surrogate as an escape
+    with pytest.raises(MetadataError) as info:
+        CheckpointMetadata.from_json_bytes(doc, WHERE)
+    assert WHERE in str(info.value)

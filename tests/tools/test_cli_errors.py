@@ -317,3 +317,50 @@ def test_debug_env_shows_traceback(cli: Cli, tmp_path: Path, monkeypatch: pytest
     with pytest.raises(CheckpointNotFoundError):
         cli("inspect", str(tmp_path / "missing"))
     assert os.environ["KEYSTATE_DEBUG"] == "1"
+
+
+# --- hostile filesystem objects and names -----------------------------------------------------------
+
+
+def test_fifo_in_place_of_a_state_file_does_not_hang(cli: Cli, golden_copy: Path) -> None:
+    victim = next((golden_copy / CHK).rglob("*.ksf"))
+    victim.unlink()
+    os.mkfifo(victim)
+    result = cli("verify", str(golden_copy / CHK))  # would block forever if the FIFO were opened
+    assert result.code == 1
+    assert "not a regular file" in result.out
+
+
+def test_symlinked_state_file_is_not_followed(cli: Cli, golden_copy: Path, tmp_path: Path) -> None:
+    victim = next((golden_copy / CHK).rglob("*.ksf"))
+    outside = tmp_path / "outside.ksf"
+    outside.write_bytes(victim.read_bytes())  # identical bytes: it would even verify
+    victim.unlink()
+    victim.symlink_to(outside)
+    result = cli("verify", str(golden_copy / CHK))
+    assert result.code == 1
+    assert "symbolic link" in result.out
+
+
+def test_list_shows_a_checkpoint_it_cannot_stat_as_unreadable(cli: Cli, golden_copy: Path) -> None:
+    metadata = golden_copy / CHK / "_metadata"
+    metadata.unlink()
+    metadata.symlink_to(metadata)  # a loop: stat fails with ELOOP
+    result = cli("list", str(golden_copy), "--json")
+    assert result.code == 0, result.err
+    [entry] = json.loads(result.out)["checkpoints"]
+    assert entry["checkpoint_id"] == 7
+    assert "symbolic link" in entry["error"]
+
+
+def test_control_characters_in_names_are_escaped(cli: Cli, golden_copy: Path) -> None:
+    path = golden_copy / CHK / "_metadata"
+    doc = json.loads(path.read_bytes())
+    sink = next(o for o in doc["operators"] if o["uid"] == "sink")
+    sink["subtasks"][0]["operator"][0]["states"][0]["name"] = "evil\x1b[2J\x1b]0;pwned\x07"
+    path.write_text(json.dumps(doc))
+    result = cli("inspect", str(golden_copy / CHK), "--operator", "sink")
+    assert result.code == 0, result.err
+    assert "\x1b" not in result.out
+    assert "\x07" not in result.out
+    assert "evil\\x1b[2J\\x1b]0;pwned\\x07" in result.out
