@@ -31,16 +31,15 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
-import json
-import logging
-import os
 import random
 import tempfile
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
+from benchmarks._common import Result, figure, moto_endpoint, print_json
 from tests.reliability.campaign import LOCAL_STORE_POINTS, RUNTIME_POINTS, S3_POINTS, Outcome, Plan, run_campaign
 
 
@@ -63,25 +62,16 @@ def plan_for(rng: random.Random, index: int, s3: bool) -> Plan:
 
 
 def campaign_runs(runs: int, workers: int, seed: int, s3: bool, workdir: Path) -> tuple[list[Outcome], float]:
-    endpoint = bucket = None
-    server: Any = None
-    if s3:
-        import boto3
-        from moto.server import ThreadedMotoServer
+    with ExitStack() as stack:
+        endpoint = bucket = None
+        if s3:
+            import boto3
 
-        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                            ("AWS_DEFAULT_REGION", "us-east-1")):  # fmt: skip
-            os.environ.setdefault(name, value)
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint, bucket = f"http://{host}:{port}", "keystate-crashes"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    rng = random.Random(seed)
-    outcomes: list[Outcome] = []
-    started = time.monotonic()
-    try:
+            endpoint, bucket = stack.enter_context(moto_endpoint()), "keystate-crashes"
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        rng = random.Random(seed)
+        outcomes: list[Outcome] = []
+        started = time.monotonic()
         with ThreadPoolExecutor(workers) as pool:
             running: list[Future[Outcome]] = []
             index = 0
@@ -101,10 +91,7 @@ def campaign_runs(runs: int, workers: int, seed: int, s3: bool, workdir: Path) -
                 if not running:
                     break
                 time.sleep(0.05)
-    finally:
-        if server is not None:
-            server.stop()
-    return outcomes, time.monotonic() - started
+        return outcomes, time.monotonic() - started
 
 
 def summarize(outcomes: list[Outcome], seconds: float, seed: int) -> dict[str, Any]:
@@ -150,15 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     clean = not summary["violations"]
     if args.json:
         rate = summary["runs"] / seconds * 60 if seconds else 0.0
-        figures = [
-            {"name": "lost records", "value": summary["lost"], "unit": "records", "baseline": 0,
-             "ratio": 1.0 if clean else 0.0},
-            {"name": "duplicated records", "value": summary["duplicates"], "unit": "records", "baseline": 0,
-             "ratio": 1.0 if clean else 0.0},
-            {"name": "child runs per minute", "value": round(rate, 1), "unit": "runs/min", "baseline": 60.0,
-             "ratio": round(rate / 60.0, 3)},
-        ]  # fmt: skip
-        print(json.dumps({"benchmarks": figures, "summary": summary}))
+        exact = 1.0 if clean else 0.0
+        figures: list[Result | dict[str, Any]] = [
+            figure("lost records", summary["lost"], "records", 0, exact),
+            figure("duplicated records", summary["duplicates"], "records", 0, exact),
+            Result("child runs per minute", rate, 60.0, "runs/min", decimals=1),
+        ]
+        print_json(figures, summary=summary)
         return 0 if clean else 1
     print(f"campaigns           {summary['campaigns']} ({summary['completed']} completed)")
     print(f"runs                {summary['runs']}")

@@ -42,7 +42,6 @@ if __package__ in (None, ""):
 import argparse
 import asyncio
 import cProfile
-import json
 import pstats
 import tempfile
 import time
@@ -52,6 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks._common import Result, SharedProbe, print_json
 from runtime import (
     CheckpointConfig,
     JobConfig,
@@ -101,52 +101,21 @@ QUICK = Settings(records=200_000, repeats=2, chain_records=10_000, chain_rate=4_
 
 
 @dataclass(frozen=True, slots=True)
-class Result:
-    """One benchmark line: our figure next to the raw reference measured in the same run."""
-
-    name: str
-    value: float
-    baseline: float
-    unit: str
-    inverted: bool = False
-    """A latency or duration: ratio = baseline / value, so that higher is still better."""
+class RuntimeResult(Result):
     cpu_ratio: float | None = None
     """The ratio from CPU time instead of wall time (shown in the table only)."""
-
-    @property
-    def ratio(self) -> float:
-        if self.inverted:
-            return self.baseline / self.value if self.value else float("inf")
-        return self.value / self.baseline if self.baseline else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": _round(self.value),
-            "unit": self.unit,
-            "baseline": _round(self.baseline),
-            "ratio": round(self.ratio, 3),
-        }
-
-
-def _round(x: float) -> float:
-    return round(x, 1) if abs(x) >= 100 else float(f"{x:.4g}")
 
 
 # --- shared probes ------------------------------------------------------------------------------------
 
 
-class Probe:
-    """Facts the operators of one run report back. Operators are deep-copied per subtask; the probe is
-    shared, not copied, so every copy reports to the same object."""
+class Probe(SharedProbe):
+    """What the sinks and the chain's operators and source of one run saw."""
 
     def __init__(self) -> None:
         self.sunk = 0
         self.committed = 0
         self.end_of_input: float | None = None
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Probe:
-        return self
 
 
 # --- the throughput job ---------------------------------------------------------------------------------
@@ -408,7 +377,7 @@ def _best(timings: list[Timing]) -> Timing:
     return Timing(min(t.wall for t in timings), min(t.cpu for t in timings))
 
 
-def run(settings: Settings, parent: str | None) -> tuple[list[Result], Info]:
+def run(settings: Settings, parent: str | None) -> tuple[list[RuntimeResult], Info]:
     n = settings.records
     info = Info(n, settings.repeats)
     loop: list[Timing] = []
@@ -434,14 +403,14 @@ def run(settings: Settings, parent: str | None) -> tuple[list[Result], Info]:
     chain = min(chains, key=lambda c: c.tail)
     info.chain = chain
 
-    def line(name: str, value: Timing, baseline: Timing) -> Result:
-        return Result(name, n / value.wall, n / baseline.wall, "rec/s", cpu_ratio=baseline.cpu / value.cpu)
+    def line(name: str, value: Timing, baseline: Timing) -> RuntimeResult:
+        return RuntimeResult(name, n / value.wall, n / baseline.wall, "rec/s", cpu_ratio=baseline.cpu / value.cpu)
 
     results = [
         line("job throughput vs bare loop (LMDB count)", best_plain, best_loop),
         line(f"checkpoints every {CHECKPOINT_INTERVAL:g} s vs none", best_periodic, best_plain),
         line(f"TransactionalFileSink vs discard (ckpt {CHECKPOINT_INTERVAL:g} s)", best_file, best_periodic),
-        Result(
+        RuntimeResult(
             f"finish latency, {CHAIN_LENGTH}x 2PC chain (ckpt {CHAIN_INTERVAL:g} s)",
             chain.tail / CHAIN_INTERVAL,
             1.0,
@@ -452,7 +421,7 @@ def run(settings: Settings, parent: str | None) -> tuple[list[Result], Info]:
     return results, info
 
 
-def render_table(results: list[Result], info: Info, settings: Settings, elapsed: float) -> str:
+def render_table(results: list[RuntimeResult], info: Info, settings: Settings, elapsed: float) -> str:
     lines = [
         f"keystate runtime benchmark: {info.records:,} records, {KEYS:,} keys, parallelism 1, LMDB state; "
         f"best of {info.repeats} (chain: best of {settings.chain_repeats})",
@@ -508,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     results, info = run(settings, args.dir)
     elapsed = time.perf_counter() - started
     if args.json:
-        print(json.dumps({"benchmarks": [r.to_dict() for r in results]}))
+        print_json(results)
     else:
         print(render_table(results, info, settings, elapsed))
     return 0

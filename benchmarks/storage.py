@@ -28,47 +28,45 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
-import json
-import logging
-import os
 import random
 import struct
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import boto3
 import botocore.config
 import zstandard
 
+from benchmarks._common import (
+    BLOCK,
+    LEVEL,
+    MIB,
+    Result,
+    baseline_compressor,
+    compress_blocks,
+    keyed_checkpoint_metadata,
+    moto_endpoint,
+    print_json,
+    timed,
+    write_blocks,
+)
 from storage import (
-    CheckpointKind,
-    CheckpointMetadata,
     CheckpointStorage,
     CompletedCheckpoint,
     KeyedStateHandle,
     KeyGroupRange,
     LocalObjectStore,
-    OperatorState,
-    StreamOptions,
-    SubtaskState,
     open_storage,
 )
 
-MIB = 1 << 20
 FULL_MIB = 256
 QUICK_MIB = 32
 WRITE_CHUNK = 64 * 1024
 """Bytes per ``stream.write`` call (a keyed backend writes a few tens of KiB at a time)."""
 KEY_GROUP_BYTES = 4 * MIB
 """Raw bytes per key group: ``start_block()`` is called at each boundary, as a keyed backend does."""
-OPTIONS = StreamOptions()
-BLOCK = OPTIONS.block_size
-LEVEL = OPTIONS.compression_level
 JOB_ID = "be9c4a11" * 4
 SEED = 20240611
 BUCKET = "keystate-bench"
@@ -105,29 +103,6 @@ def make_state(size: int, seed: int = SEED) -> bytes:
     return bytes(out[:size])
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
-    """One benchmark line: our throughput next to the raw baseline measured in the same run."""
-
-    name: str
-    value: float
-    baseline: float
-    unit: str = "MB/s"
-
-    @property
-    def ratio(self) -> float:
-        return self.value / self.baseline if self.baseline else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": round(self.value, 1),
-            "unit": self.unit,
-            "baseline": round(self.baseline, 1),
-            "ratio": round(self.ratio, 3),
-        }
-
-
 class Case(Protocol):
     """One side of a comparison. ``prepare_write`` (untimed) removes what the previous write left."""
 
@@ -138,12 +113,6 @@ class Case(Protocol):
     def read(self) -> None: ...
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
 def _race(name: str, size: int, repeats: int, ours: Case, baseline: Case, *, read: bool) -> Result:
     """Time ``write`` (or ``read``) of ours and the baseline ``repeats`` times, alternating; MB/s of the
     best run of each."""
@@ -151,15 +120,15 @@ def _race(name: str, size: int, repeats: int, ours: Case, baseline: Case, *, rea
     for _ in range(repeats):
         for case, is_ours in ((ours, True), (baseline, False)):
             if read:
-                elapsed = _timed(case.read)
+                elapsed, _ = timed(case.read)
             else:
                 case.prepare_write()
-                elapsed = _timed(case.write)
+                elapsed, _ = timed(case.write)
             if is_ours:
                 best_ours = min(best_ours, elapsed)
             else:
                 best_base = min(best_base, elapsed)
-    return Result(name, size / best_ours / 1e6, size / best_base / 1e6)
+    return Result(name, size / best_ours / 1e6, size / best_base / 1e6, "MB/s", decimals=1)
 
 
 # --- ours: through the storage layer ------------------------------------------------------------------
@@ -178,11 +147,7 @@ def write_checkpoint(storage: CheckpointStorage, checkpoint_id: int, data: bytes
                 stream.write(view[start : start + WRITE_CHUNK])
             handle = stream.close()
         keyed = KeyedStateHandle(KeyGroupRange(0, len(offsets) - 1), tuple(offsets), handle)
-        operator = OperatorState("bench", 1, max(128, len(offsets)), subtasks=(SubtaskState(0, keyed=(keyed,)),))
-        metadata = CheckpointMetadata(
-            checkpoint_id, JOB_ID, CheckpointKind.CHECKPOINT, int(time.time() * 1000), (operator,)
-        )
-        return writer.commit(metadata)
+        return writer.commit(keyed_checkpoint_metadata(JOB_ID, checkpoint_id, "bench", max(128, len(offsets)), keyed))
     except BaseException:
         writer.abort()
         raise
@@ -233,13 +198,6 @@ class OursCase:
 # --- baselines: zstd + plain file / plain boto3 ---------------------------------------------------------
 
 
-def compress_blocks(data: bytes, compressor: zstandard.ZstdCompressor) -> Iterator[bytes]:
-    """The same 1 MiB blocks the state file holds, compressed the same way."""
-    view = memoryview(data)
-    for start in range(0, len(data), BLOCK):
-        yield compressor.compress(view[start : start + BLOCK])
-
-
 class LocalBaseline:
     """zstd-compressed blocks written to one plain file (fsynced or not) and read back."""
 
@@ -248,22 +206,14 @@ class LocalBaseline:
         self.data = data
         self.fsync = fsync
         self.lengths: list[int] = []
-        self._compressor = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True, write_checksum=False)
+        self._compressor = baseline_compressor()
         self._decompressor = zstandard.ZstdDecompressor()
 
     def prepare_write(self) -> None:
         self.path.unlink(missing_ok=True)
 
     def write(self) -> None:
-        lengths: list[int] = []
-        with open(self.path, "wb") as f:
-            for stored in compress_blocks(self.data, self._compressor):
-                f.write(stored)
-                lengths.append(len(stored))
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        self.lengths = lengths
+        self.lengths = write_blocks(self.path, compress_blocks(self.data, self._compressor), fsync=self.fsync)
 
     def read(self) -> None:
         total = 0
@@ -282,7 +232,7 @@ class S3Baseline:
         self.data = data
         self.key = ""
         self.lengths: list[int] = []
-        self._compressor = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True, write_checksum=False)
+        self._compressor = baseline_compressor()
         self._decompressor = zstandard.ZstdDecompressor()
 
     def prepare_write(self) -> None:
@@ -331,24 +281,6 @@ def local_cases(data: bytes, repeats: int, parent: str | None) -> tuple[list[Res
         base_nofsync = LocalBaseline(root, data, fsync=False)
         nofsync = _race("local write (no fsync, both)", len(data), repeats, ours_nofsync, base_nofsync, read=False)
     return [write, nofsync, read], stored
-
-
-@contextmanager
-def moto_endpoint() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 with fake credentials in the environment; yields its URL."""
-    from moto.server import ThreadedMotoServer
-
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        os.environ.pop(name, None)
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def s3_cases(data: bytes, repeats: int) -> list[Result]:
@@ -411,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     if args.json:
-        print(json.dumps({"benchmarks": [r.to_dict() for r in results]}))
+        print_json(results)
     else:
         print(render_table(results, len(data), stored, repeats, elapsed))
     return 0

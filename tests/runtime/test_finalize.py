@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from runtime.checkpoint_protocol import CheckpointFailureReason, PartialFinishingNotSupportedError, SubtaskSnapshot
 from runtime.config import CheckpointConfig
-from runtime.coordinator import (
-    CheckpointCoordinator,
-    CheckpointFailureReason,
-    PartialFinishingNotSupportedError,
-    SubtaskSnapshot,
-    _Pending,
-)
+from runtime.coordinator import CheckpointCoordinator, _Pending
 from runtime.errors import CheckpointFailedError
 from runtime.events import CheckpointOptions
 from runtime.plan import SubtaskId, SubtaskStatus, calculate_plan
