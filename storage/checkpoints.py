@@ -410,13 +410,13 @@ class CheckpointStorage:
 
     def _maybe_complete(self, directory: str) -> bool:
         """Whether a directory has ``_metadata``; one that cannot even be checked is reported (so
-        loading it shows the error) rather than failing the whole listing."""
+        loading it shows the error, so only a debug line here) rather than failing the whole listing."""
         try:
             return self._has_metadata(directory)
         except NotFoundError:
             return False
         except StorageError as exc:
-            log.warning("cannot check %s for %s: %s", self.store.describe(directory), METADATA_FILE, exc)
+            log.debug("cannot check %s for %s: %s", self.store.describe(directory), METADATA_FILE, exc)
             return True
 
     def discover(self, key: str = "") -> list[CheckpointPointer]:

@@ -54,7 +54,16 @@ from typing import NoReturn
 from storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode
 from storage.errors import RequestOutcomeUnknownError, StorageUnavailableError
 
-__all__ = ["OPERATIONS", "Fault", "FaultRule", "FaultyObjectStore", "InjectedFault", "kill_process"]
+__all__ = [
+    "OPERATIONS",
+    "Fault",
+    "FaultRule",
+    "FaultyObjectStore",
+    "InjectedFault",
+    "RuleCounter",
+    "RuleSchedule",
+    "kill_process",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +99,55 @@ class Fault(Enum):
     CRASH = "crash"
 
 
+class RuleSchedule:
+    """When a rule that matches a call fires: the part of a rule :class:`FaultRule` and
+    :class:`storage.s3faults.S3FaultRule` share. Subclasses are frozen dataclasses declaring these fields
+    (see :class:`FaultRule` for their meaning) and call :meth:`_check_schedule` from ``__post_init__``."""
+
+    operations: str | AbstractSet[str]
+    after: int
+    times: int | None
+    probability: float
+    delay: float
+
+    def _check_schedule(self) -> frozenset[str]:
+        """Turn ``operations`` into a frozenset (returned) and check the schedule's numbers.
+
+        Raises:
+            ValueError: ``after``, ``times`` or ``delay`` is negative, or ``probability`` is not in 0..1.
+        """
+        ops = frozenset({self.operations}) if isinstance(self.operations, str) else frozenset(self.operations)
+        object.__setattr__(self, "operations", ops)
+        if self.after < 0 or (self.times is not None and self.times < 0) or self.delay < 0:
+            raise ValueError("after, times and delay must be non-negative")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability must be in 0..1, found {self.probability}")
+        return ops
+
+
+class RuleCounter:
+    """How many calls one rule matched and how many of them it failed, in one injector."""
+
+    __slots__ = ("fired", "seen")
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.fired = 0
+
+    def fires(self, rule: RuleSchedule, rng: random.Random) -> bool:
+        """Count one more matching call; whether ``rule`` fires on it (``after``, ``times``, then
+        ``probability``, drawn from ``rng``)."""
+        self.seen += 1
+        if self.seen <= rule.after or (rule.times is not None and self.fired >= rule.times):
+            return False
+        if rule.probability < 1.0 and rng.random() >= rule.probability:
+            return False
+        self.fired += 1
+        return True
+
+
 @dataclass(frozen=True)
-class FaultRule:
+class FaultRule(RuleSchedule):
     """Which calls fail, and how.
 
     Attributes:
@@ -118,15 +174,10 @@ class FaultRule:
     delay: float = 0.0
 
     def __post_init__(self) -> None:
-        ops = frozenset({self.operations}) if isinstance(self.operations, str) else frozenset(self.operations)
+        ops = self._check_schedule()
         unknown = sorted(ops - OPERATIONS)
         if not ops or unknown:
             raise ValueError(f"unknown fault operation(s) {unknown or '(none)'}; use some of {sorted(OPERATIONS)}")
-        object.__setattr__(self, "operations", ops)
-        if self.after < 0 or (self.times is not None and self.times < 0) or self.delay < 0:
-            raise ValueError("after, times and delay must be non-negative")
-        if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"probability must be in 0..1, found {self.probability}")
 
     def matches(self, operation: str, keys: tuple[str, ...], mode: PutMode | None) -> bool:
         assert isinstance(self.operations, frozenset)
@@ -147,14 +198,6 @@ class InjectedFault:
     key: str
 
 
-class _RuleState:
-    __slots__ = ("fired", "seen")
-
-    def __init__(self) -> None:
-        self.seen = 0
-        self.fired = 0
-
-
 class FaultyObjectStore(ObjectStore):
     """An :class:`ObjectStore` that injects faults by rules into the calls of another one.
 
@@ -170,7 +213,7 @@ class FaultyObjectStore(ObjectStore):
     def __init__(self, inner: ObjectStore, rules: Iterable[FaultRule] = (), *, seed: int = 0) -> None:
         self.inner = inner
         self.rules: list[FaultRule] = []
-        self._states: list[_RuleState] = []
+        self._counters: list[RuleCounter] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.injected: list[InjectedFault] = []
@@ -190,14 +233,14 @@ class FaultyObjectStore(ObjectStore):
         """Arm another rule (thread-safe); returns it."""
         with self._lock:
             self.rules.append(rule)
-            self._states.append(_RuleState())
+            self._counters.append(RuleCounter())
         return rule
 
     def clear(self) -> None:
         """Disarm every rule; the store behaves like ``inner`` from now on (the record is kept)."""
         with self._lock:
             self.rules.clear()
-            self._states.clear()
+            self._counters.clear()
 
     def count(self, fault: Fault | None = None, operation: str | None = None) -> int:
         """How many injected faults match (``None``: any)."""
@@ -210,15 +253,9 @@ class FaultyObjectStore(ObjectStore):
 
     def _pick(self, operation: str, keys: tuple[str, ...], mode: PutMode | None) -> Fault | None:
         with self._lock:
-            for index, (rule, state) in enumerate(zip(self.rules, self._states, strict=True)):
-                if not rule.matches(operation, keys, mode):
+            for index, (rule, counter) in enumerate(zip(self.rules, self._counters, strict=True)):
+                if not rule.matches(operation, keys, mode) or not counter.fires(rule, self._rng):
                     continue
-                state.seen += 1
-                if state.seen <= rule.after or (rule.times is not None and state.fired >= rule.times):
-                    continue
-                if rule.probability < 1.0 and self._rng.random() >= rule.probability:
-                    continue
-                state.fired += 1
                 key = next((k for k in keys if fnmatch.fnmatchcase(k, rule.key)), keys[0])
                 self.injected.append(InjectedFault(index, rule.fault, operation, key))
                 delay = rule.delay

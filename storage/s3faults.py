@@ -41,9 +41,9 @@ import botocore.exceptions
 from botocore.awsrequest import AWSResponse
 from botocore.httpsession import URLLib3Session
 
-from storage.faults import Fault, kill_process
+from storage.faults import Fault, RuleCounter, RuleSchedule, kill_process
 
-__all__ = ["S3FaultInjector", "S3FaultRule", "s3_error_response"]
+__all__ = ["S3FaultInjector", "S3FaultRule", "injected_response", "s3_error_response"]
 
 _STATUS = {Fault.THROTTLE: (503, "SlowDown"), Fault.INTERNAL_ERROR: (500, "InternalError")}
 
@@ -66,6 +66,12 @@ class _Body:
         self._data = b""
 
 
+def injected_response(request: Any, status: int, headers: dict[str, str], body: bytes) -> AWSResponse:
+    """A response to ``request`` that botocore reads as if the server had sent it, exactly as given: a
+    ``body`` shorter than the ``Content-Length`` header, for instance, is a truncated response."""
+    return AWSResponse(request.url, status, headers, _Body(body))
+
+
 def s3_error_response(request: Any, status: int, code: str) -> AWSResponse:
     """An S3 error response as S3 sends it (HEAD responses carry no body, so the code is the status)."""
     body = b""
@@ -75,11 +81,11 @@ def s3_error_response(request: Any, status: int, code: str) -> AWSResponse:
             f"<Error><Code>{code}</Code><Message>injected {code}</Message><RequestId>t</RequestId></Error>"
         ).encode()
     headers = {"Content-Type": "application/xml", "Content-Length": str(len(body))}
-    return AWSResponse(request.url, status, headers, _Body(body))
+    return injected_response(request, status, headers, body)
 
 
 @dataclass(frozen=True)
-class S3FaultRule:
+class S3FaultRule(RuleSchedule):
     """Which S3 requests fail, and how.
 
     Attributes:
@@ -105,12 +111,9 @@ class S3FaultRule:
     delay: float = 0.0
 
     def __post_init__(self) -> None:
-        ops = frozenset({self.operations}) if isinstance(self.operations, str) else frozenset(self.operations)
-        object.__setattr__(self, "operations", ops)
+        self._check_schedule()
         if (self.fault is None) == (self.status is None or self.code is None):
             raise ValueError("give either a fault or both status and code")
-        if not 0.0 <= self.probability <= 1.0 or self.after < 0 or self.delay < 0:
-            raise ValueError("probability must be in 0..1, after and delay non-negative")
 
     def matches(self, operation: str, path: str) -> bool:
         assert isinstance(self.operations, frozenset)
@@ -135,8 +138,7 @@ class S3FaultInjector:
 
     def __init__(self, rules: Iterable[S3FaultRule] = (), *, seed: int = 0) -> None:
         self.rules = list(rules)
-        self._seen = [0] * len(self.rules)
-        self._fired = [0] * len(self.rules)
+        self._counters = [RuleCounter() for _ in self.rules]
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._session: URLLib3Session | None = None
@@ -155,8 +157,7 @@ class S3FaultInjector:
     def add(self, rule: S3FaultRule) -> None:
         with self._lock:
             self.rules.append(rule)
-            self._seen.append(0)
-            self._fired.append(0)
+            self._counters.append(RuleCounter())
 
     def _send(self, request: Any) -> None:
         """Send the request to the real server and drop the answer (the request is applied)."""
@@ -175,16 +176,12 @@ class S3FaultInjector:
         with self._lock:
             chosen: tuple[int, S3FaultRule] | None = None
             matched = False
-            for index, rule in enumerate(self.rules):
+            for index, (rule, counter) in enumerate(zip(self.rules, self._counters, strict=True)):
                 if not rule.matches(operation, path):
                     continue
                 matched = True
-                self._seen[index] += 1
-                if self._seen[index] <= rule.after or (rule.times is not None and self._fired[index] >= rule.times):
+                if not counter.fires(rule, self._rng):
                     continue
-                if rule.probability < 1.0 and self._rng.random() >= rule.probability:
-                    continue
-                self._fired[index] += 1
                 chosen = index, rule
                 break
             if matched:

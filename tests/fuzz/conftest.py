@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fuzz.properties import FuzzContext
+from tests.fuzz.harness import FuzzContext
 
 
 @pytest.fixture(scope="session")

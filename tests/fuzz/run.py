@@ -9,7 +9,7 @@ Usage (from the repository root)::
 The budget is shared equally by the chosen targets; within a target the properties take turns, each
 turn a batch of examples under a fresh hypothesis seed. A failure is shrunk by hypothesis and reported
 with the command that replays it exactly (same property, seed and batch size; no example database is
-used). Known bugs already reported to their owners (``properties.KNOWN_BUGS``) are counted, not failed.
+used). Known bugs already reported to their owners (``harness.KNOWN_BUGS``) are counted, not failed.
 Exit code: 0 when nothing failed, 1 otherwise.
 """
 
@@ -30,7 +30,8 @@ from typing import TextIO
 
 from hypothesis.reporting import with_reporter
 
-from tests.fuzz.properties import KNOWN_BUGS, KNOWN_HITS, PROPERTIES, FuzzContext, Property, run_property
+from tests.fuzz.harness import KNOWN_BUGS, KNOWN_HITS, FuzzContext, Property, run_property
+from tests.fuzz.properties import PROPERTIES
 
 __all__ = ["Failure", "Tally", "fuzz", "main"]
 

@@ -1,11 +1,13 @@
 """Valid inputs that the fuzzers mutate: the golden ``_metadata`` documents, the DESIGN.md topology, state
 files from ``StateFileWriter``, a real keyed snapshot (LMDB backend through ``CheckpointStorage``) and a
-real checkpoint directory for the CLI.
+real checkpoint directory for the CLI, with copies of its files outside the root (:class:`CliTemplate`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from storage import (
     SubtaskState,
     open_storage,
 )
+from storage.checkpoints import METADATA_FILE
 from storage.statefile import BLOCK_HEADER, END_MARKER, FILE_HEADER, Compression, StateFileSummary, StateFileWriter
 
 __all__ = [
@@ -49,13 +52,14 @@ __all__ = [
     "GOLDEN_DIR",
     "SNAPSHOT_JOB_ID",
     "SNAPSHOT_UID",
+    "CliTemplate",
     "SnapshotSample",
     "StateFile",
     "block_boundaries",
     "golden_documents",
+    "keyed_backend",
     "kv_entries",
     "metadata_document",
-    "restore_target",
     "write_cli_checkpoint",
     "write_snapshot_sample",
     "write_state_file",
@@ -208,15 +212,7 @@ def write_snapshot_sample(root: Path, *, keys: int = 60) -> SnapshotSample:
     return its payload and the entries it holds."""
     key_groups = KeyGroupRange(0, SNAPSHOT_MAX_PARALLELISM - 1)
     storage = CheckpointStorage(LocalObjectStore(root, fsync=False), options=StreamOptions(inline_threshold=0))
-    backend = LmdbKeyedStateBackend(
-        operator_uid=SNAPSHOT_UID,
-        subtask_index=0,
-        max_parallelism=SNAPSHOT_MAX_PARALLELISM,
-        key_groups=key_groups,
-        clock=lambda: CLOCK_MS,
-        buffer_entries=16,
-        map_size=1 << 22,
-    )
+    backend = keyed_backend("lmdb", key_groups)
     try:
         _fill(backend, keys)
         entries = kv_entries(backend)
@@ -247,12 +243,20 @@ def write_snapshot_sample(root: Path, *, keys: int = 60) -> SnapshotSample:
     )
 
 
-def restore_target(kind: str, key_groups: KeyGroupRange) -> KVKeyedStateBackend:
-    """A fresh backend of the snapshot's operator to restore into."""
+def keyed_backend(
+    kind: str,
+    key_groups: KeyGroupRange,
+    *,
+    operator_uid: str = SNAPSHOT_UID,
+    subtask_index: int = 0,
+    max_parallelism: int = SNAPSHOT_MAX_PARALLELISM,
+) -> KVKeyedStateBackend:
+    """A fresh keyed backend (``kind`` ``"lmdb"``, small and flushing often, or ``"heap"``) on the samples'
+    fixed clock; by default one of the snapshot sample's operator, e.g. to restore it into."""
     common: dict[str, Any] = {
-        "operator_uid": SNAPSHOT_UID,
-        "subtask_index": 0,
-        "max_parallelism": SNAPSHOT_MAX_PARALLELISM,
+        "operator_uid": operator_uid,
+        "subtask_index": subtask_index,
+        "max_parallelism": max_parallelism,
         "key_groups": key_groups,
         "clock": lambda: CLOCK_MS,
     }
@@ -270,25 +274,8 @@ def write_cli_checkpoint(root: Path) -> CheckpointMetadata:
     storage = open_storage(str(root), options=StreamOptions(inline_threshold=96))
     writer = storage.begin_checkpoint(CLI_JOB_ID, 5)
     keyed: list[KeyedStateHandle] = []
-    for index, backend in enumerate(
-        (
-            LmdbKeyedStateBackend(
-                operator_uid="totals",
-                subtask_index=0,
-                max_parallelism=8,
-                key_groups=KeyGroupRange(0, 3),
-                clock=lambda: CLOCK_MS,
-                map_size=1 << 22,
-            ),
-            HeapKeyedStateBackend(
-                operator_uid="totals",
-                subtask_index=1,
-                max_parallelism=8,
-                key_groups=KeyGroupRange(4, 7),
-                clock=lambda: CLOCK_MS,
-            ),
-        )
-    ):
+    for index, (kind, key_groups) in enumerate((("lmdb", KeyGroupRange(0, 3)), ("heap", KeyGroupRange(4, 7)))):
+        backend = keyed_backend(kind, key_groups, operator_uid="totals", subtask_index=index, max_parallelism=8)
         try:
             count = backend.get_state(ValueStateDescriptor[int](name="count", serializer=IntSerializer(), default=0))
             tags = backend.get_state(
@@ -339,3 +326,57 @@ def write_cli_checkpoint(root: Path) -> CheckpointMetadata:
 
 def metadata_document(metadata: CheckpointMetadata) -> Any:
     return json.loads(metadata.to_json_bytes())
+
+
+@dataclass(frozen=True, repr=False)
+class CliTemplate:
+    """A real checkpoint root, and what the CLI fuzzer needs to damage copies of it."""
+
+    root: Path
+    metadata: bytes
+    document: Any
+    state_files: tuple[str, ...]
+    """State files, relative to the checkpoint directory."""
+    topology: Path
+    outside: Path
+    """A directory next to the roots (outside every one) holding copies of the state files and metadata."""
+
+    def __repr__(self) -> str:
+        return f"CliTemplate({str(self.root)!r})"
+
+    @property
+    def checkpoint(self) -> str:
+        return f"{CLI_JOB_ID}/chk-5"
+
+    @classmethod
+    def build(cls, base: Path) -> CliTemplate:
+        root = base / "root"
+        metadata = write_cli_checkpoint(root)
+        directory = root / CLI_JOB_ID / "chk-5"
+        files = tuple(sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.ksf")))
+        outside = base / "outside"
+        outside.mkdir()
+        for i, name in enumerate(files):
+            shutil.copyfile(directory / name, outside / f"state-{i}.ksf")
+        shutil.copyfile(directory / METADATA_FILE, outside / METADATA_FILE)
+        (outside / "subdir").mkdir()
+        topology = base / "topology.json"
+        topology.write_bytes(metadata.topology().to_json_bytes())
+        data = (directory / METADATA_FILE).read_bytes()
+        return cls(root, data, json.loads(data), files, topology, outside)
+
+    def link_target(self, name: str, target: str, link: Path) -> Path:
+        """What a symlink at ``link``, in place of ``name`` (a state file or ``_metadata``), points to:
+        ``same`` the copy of that file outside the root, ``other`` another state file's copy, ``devnull``,
+        ``dangling`` a missing file, ``subdir`` a directory, ``loop`` the link itself, ``root`` ``/``."""
+        index = self.state_files.index(name) if name in self.state_files else 0
+        other = (index + 1) % len(self.state_files)
+        return {
+            "same": self.outside / (METADATA_FILE if name == METADATA_FILE else f"state-{index}.ksf"),
+            "other": self.outside / f"state-{other}.ksf",
+            "devnull": Path(os.devnull),
+            "dangling": self.outside / "missing",
+            "subdir": self.outside / "subdir",
+            "loop": link,
+            "root": Path("/"),
+        }[target]

@@ -4,7 +4,6 @@ most, never a traceback, nothing written, nothing read outside the location."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -12,16 +11,10 @@ from pathlib import Path
 import pytest
 
 import storage.validation
-from tests.fuzz.properties import (
-    PROPERTIES,
-    CliTemplate,
-    FuzzContext,
-    Property,
-    check_cli_run,
-    run_cli,
-    run_property,
-)
-from tests.fuzz.samples import CLI_JOB_ID
+from tests.fuzz.cli_harness import check_cli_run, run_cli
+from tests.fuzz.harness import FuzzContext, Property, run_property
+from tests.fuzz.properties import PROPERTIES
+from tests.fuzz.samples import CLI_JOB_ID, CliTemplate
 
 CHECKPOINT = Path(CLI_JOB_ID) / "chk-5"
 COMMANDS = (("inspect",), ("inspect", "--json"), ("verify",), ("verify", "--json"), ("dump", "--operator", "totals"),
@@ -84,20 +77,9 @@ def test_a_300_mb_sparse_metadata_is_refused_without_reading_it(root: Path, monk
 def test_a_state_file_symlinked_outside_the_root(fuzz_context: FuzzContext, root: Path, target: str) -> None:
     template = _template(fuzz_context)
     name = next(n for n in template.state_files if n.startswith("totals/0/"))
-    index = template.state_files.index(name)
     path = root / CHECKPOINT / name
     path.unlink()
-    path.symlink_to(
-        {
-            "same": template.outside / f"state-{index}.ksf",
-            "other": template.outside / f"state-{(index + 1) % len(template.state_files)}.ksf",
-            "devnull": Path(os.devnull),
-            "subdir": template.outside / "subdir",
-            "dangling": template.outside / "missing",
-            "loop": path,
-            "root": Path("/"),
-        }[target]
-    )
+    path.symlink_to(template.link_target(name, target, path))
     verify = run_cli(["verify", str(root / CHECKPOINT), "--json"])
     check_cli_run(verify)
     dump = run_cli(["dump", str(root / CHECKPOINT), "--operator", "totals"])
@@ -118,8 +100,7 @@ def test_metadata_symlinked_to_something_unreadable(fuzz_context: FuzzContext, r
     template = _template(fuzz_context)
     path = root / CHECKPOINT / "_metadata"
     path.unlink()
-    path.symlink_to({"dangling": template.outside / "missing", "loop": path, "subdir": template.outside / "subdir",
-                     "devnull": Path(os.devnull)}[target])  # fmt: skip
+    path.symlink_to(template.link_target("_metadata", target, path))
     for argv in (["inspect", str(root / CHECKPOINT)], ["inspect", str(root)], ["list", str(root), "--json"]):
         result = run_cli(argv)
         check_cli_run(result)

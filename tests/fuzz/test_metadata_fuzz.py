@@ -8,7 +8,9 @@ import pytest
 
 from storage import CheckpointMetadata, MetadataError, OperatorStateEntry
 from storage.metadata import DistributionMode
-from tests.fuzz.properties import PROPERTIES, WHERE, FuzzContext, Property, check_metadata_bytes, run_property
+from tests.fuzz.document_properties import WHERE, check_metadata_bytes
+from tests.fuzz.harness import FuzzContext, Property, run_property
+from tests.fuzz.properties import PROPERTIES
 from tests.fuzz.samples import golden_documents
 
 

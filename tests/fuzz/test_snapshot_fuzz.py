@@ -10,17 +10,10 @@ import struct
 import pytest
 
 from statebackend import KeySerializer
-from tests.fuzz.properties import (
-    PROPERTIES,
-    FuzzContext,
-    Property,
-    check_snapshot,
-    inject_entry,
-    replace_meta,
-    run_cli,
-    run_property,
-    snapshot_checkpoint,
-)
+from tests.fuzz.cli_harness import run_cli
+from tests.fuzz.harness import FuzzContext, Property, run_property
+from tests.fuzz.properties import PROPERTIES
+from tests.fuzz.snapshot_properties import check_snapshot, inject_entry, replace_meta, snapshot_checkpoint
 from tools.dump import decode_value
 
 

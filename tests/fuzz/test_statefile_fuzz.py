@@ -21,7 +21,8 @@ from storage.statefile import (
     StateFileReader,
     StoreSource,
 )
-from tests.fuzz.properties import PROPERTIES, FuzzContext, Property, run_property
+from tests.fuzz.harness import FuzzContext, Property, run_property
+from tests.fuzz.properties import PROPERTIES
 
 FEW_MB = 4 << 20
 

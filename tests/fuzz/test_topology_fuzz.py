@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from storage import Topology
-from tests.fuzz.properties import PROPERTIES, TOPOLOGY_WHERE, FuzzContext, Property, check_topology_bytes, run_property
+from tests.fuzz.document_properties import TOPOLOGY_WHERE, check_topology_bytes
+from tests.fuzz.harness import FuzzContext, Property, run_property
+from tests.fuzz.properties import PROPERTIES
 from tests.fuzz.samples import DESIGN_TOPOLOGY
 
 

@@ -6,7 +6,9 @@ import pytest
 
 from storage import InvalidURIError
 from storage.uri import parse_location
-from tests.fuzz.properties import PROPERTIES, FuzzContext, Property, check_location, run_property
+from tests.fuzz.harness import FuzzContext, Property, run_property
+from tests.fuzz.properties import PROPERTIES
+from tests.fuzz.uri_properties import check_location
 
 
 @pytest.mark.parametrize("prop", [p for p in PROPERTIES if p.target == "uri"], ids=lambda p: p.name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,32 +40,11 @@ from storage import (
     make_s3_client,
     open_storage,
 )
-from storage.s3faults import S3FaultInjector, S3FaultRule, s3_error_response
+from storage.s3faults import S3FaultInjector, S3FaultRule, injected_response, s3_error_response
 
 MISSING_BUCKET = "ks-no-such-bucket"
 JOB = "0123456789abcdef0123456789abcdef"
 MIB = 1024 * 1024
-
-
-class _Body:
-    """The raw stream botocore reads an injected response from (``stream`` for errors, ``read`` for bodies)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def stream(self, **_: Any) -> Iterator[bytes]:
-        yield self._data
-
-    def read(self, amt: int | None = None) -> bytes:
-        n = len(self._data) if amt is None else amt
-        chunk, self._data = self._data[:n], self._data[n:]
-        return chunk
-
-    def close(self) -> None:
-        self._data = b""
-
-
-s3_error = s3_error_response
 
 
 def Injector(
@@ -412,7 +391,7 @@ def test_truncated_response_body_is_a_storage_error(moto_endpoint: str, server_b
 
     def truncated(request: Any, **_: Any) -> AWSResponse:
         # The server promises 100000 bytes and the connection ends after 5000.
-        return AWSResponse(request.url, 200, {"Content-Length": "100000", "ETag": '"e"'}, _Body(b"o" * 5000))
+        return injected_response(request, 200, {"Content-Length": "100000", "ETag": '"e"'}, b"o" * 5000)
 
     store.client.meta.events.register("before-send.s3.GetObject", truncated)
     reader = store.open_reader("obj")
@@ -449,7 +428,7 @@ def test_retried_metadata_put_that_landed_is_a_successful_commit(
             return None
         # The PUT reaches S3 and is applied, but the response is lost: botocore retries it.
         raw_client(moto_endpoint).put_object(Bucket=server_bucket, Key=key, Body=metadata.to_json_bytes())
-        return s3_error(request, 500, "InternalError")
+        return s3_error_response(request, 500, "InternalError")
 
     assert isinstance(storage.store, S3ObjectStore)
     storage.store.client.meta.events.register("before-send.s3.PutObject", lands_then_fails)

@@ -351,6 +351,10 @@ def test_list_shows_a_checkpoint_it_cannot_stat_as_unreadable(cli: Cli, golden_c
     [entry] = json.loads(result.out)["checkpoints"]
     assert entry["checkpoint_id"] == 7
     assert "symbolic link" in entry["error"]
+    # In its own process (no pytest logging handlers): nothing else on stderr, e.g. no logged warning.
+    exe = Path(sys.executable).parent / "keystate"
+    proc = subprocess.run([str(exe), "list", str(golden_copy)], capture_output=True, text=True, check=False)
+    assert (proc.returncode, proc.stderr) == (0, "")
 
 
 def test_control_characters_in_names_are_escaped(cli: Cli, golden_copy: Path) -> None:
