@@ -182,9 +182,21 @@ def _own(cls: type) -> bool:
     return cls.__module__.partition(".")[0] == _PACKAGE
 
 
+def _types_of_live_objects() -> list[type]:
+    """The type of every gc-tracked object, with the list of the objects themselves dropped at once.
+
+    ``gc.get_objects()`` also returns tuples that another thread is still building (``tuple(generator)``
+    in a snapshot thread); while a reference to one is held, that thread's ``_PyTuple_Resize`` fails with
+    ``SystemError: bad argument to internal function`` (CPython gh-39117, gh-107137). Mapping to types in
+    C, without running bytecode in between, keeps that window to a few instructions instead of a Python
+    loop over every object: an earlier soak lost a task to it (and failed over, output still exact).
+    """
+    return list(map(type, gc.get_objects()))
+
+
 def live_objects() -> int:
     """gc-tracked objects, without the soak's own records (which grow by design)."""
-    return sum(1 for o in gc.get_objects() if not _own(type(o)))
+    return sum(1 for t in _types_of_live_objects() if not _own(t))
 
 
 def top_growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, limit: int = 12) -> list[str]:
@@ -204,4 +216,4 @@ def top_growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, limit:
 def type_histogram() -> Counter[str]:
     """Live gc-tracked objects per type (``module.qualname``), the soak's own left out (after a collection)."""
     gc.collect()
-    return Counter(f"{t.__module__}.{t.__qualname__}" for t in map(type, gc.get_objects()) if not _own(t))
+    return Counter(f"{t.__module__}.{t.__qualname__}" for t in _types_of_live_objects() if not _own(t))

@@ -231,7 +231,9 @@ def write_keyed_snapshot(
             stream.abort()
             return None
         handle = stream.close()
-        offsets = tuple(stream.block_offset(mark) for mark in marks)
+        # A list first: tuple(generator) in a worker thread fails with SystemError if another thread holds the
+        # half-built tuple through gc.get_objects() meanwhile (CPython gh-39117; the soak's census did).
+        offsets = tuple([stream.block_offset(mark) for mark in marks])
     return KeyedStateHandle(key_groups, offsets, handle)
 
 

@@ -55,7 +55,10 @@ def parse_location(uri: str) -> Location:
     if "://" not in uri:
         _encodable(uri, uri)  # before expanduser, which looks '~name' up in the password database
         return _local(os.path.abspath(os.path.expanduser(uri)), uri)
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:  # e.g. "s3://[": an unbalanced IPv6 bracket in the authority
+        raise InvalidURIError(f"storage location {uri!r} is not a valid URI ({exc})") from None
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):

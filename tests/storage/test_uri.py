@@ -102,6 +102,8 @@ def test_location_str() -> None:
         ("s3://bucket/a%0Ab", "control"),
         ("s3://bucket/x?versionId=1", "query"),
         ("s3://bucket/x#y", "query or fragment"),
+        ("s3://[", "not a valid URI (Invalid IPv6 URL)"),  # found by tests.fuzz.run: ValueError before
+        ("file://[::1/x", "not a valid URI"),
         ("/var/a\\b", "backslash"),
         ("/var/a\x01b", "control"),
     ],
