@@ -170,6 +170,14 @@ class _Base(State):
             self._kv.put(key, _TS.pack(now) + raw[_TS.size :])
         return raw[_TS.size :]
 
+    def _stored(self, key: bytes) -> Any:
+        """The live value stored under ``key``, deserialized (``None`` if absent or expired)."""
+        raw = self._kv.get(key)
+        if raw is None:
+            return None
+        payload = self._unwrap(raw, key)
+        return None if payload is None else self._ser.deserialize(payload)
+
     def clear(self) -> None:
         self._kv.delete(self._key())
 
@@ -328,19 +336,12 @@ class _Reducing(_Base, ReducingState[Any]):
         super().__init__(backend, sid, descriptor)
         self._reduce = descriptor.reduce_function
 
-    def _current(self, key: bytes) -> Any:
-        raw = self._kv.get(key)
-        if raw is None:
-            return None
-        payload = self._unwrap(raw, key)
-        return None if payload is None else self._ser.deserialize(payload)
-
     def get(self) -> Any:
-        return self._current(self._key())
+        return self._stored(self._key())
 
     def add(self, value: Any) -> None:
         key = self._key()
-        current = self._current(key)
+        current = self._stored(key)
         result = value if current is None else self._reduce(current, value)
         self._kv.put(key, self._wrap(self._ser.serialize(result)))
 
@@ -352,20 +353,13 @@ class _Aggregating(_Base, AggregatingState[Any, Any]):
         super().__init__(backend, sid, descriptor)
         self._fn = descriptor.aggregate_function
 
-    def _accumulator(self, key: bytes) -> Any:
-        raw = self._kv.get(key)
-        if raw is None:
-            return None
-        payload = self._unwrap(raw, key)
-        return None if payload is None else self._ser.deserialize(payload)
-
     def get(self) -> Any:
-        acc = self._accumulator(self._key())
+        acc = self._stored(self._key())
         return None if acc is None else self._fn.get_result(acc)
 
     def add(self, value: Any) -> None:
         key = self._key()
-        acc = self._accumulator(key)
+        acc = self._stored(key)
         if acc is None:
             acc = self._fn.create_accumulator()
         self._kv.put(key, self._wrap(self._ser.serialize(self._fn.add(value, acc))))
