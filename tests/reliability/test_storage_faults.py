@@ -48,12 +48,15 @@ from storage.s3faults import S3FaultInjector, S3FaultRule
 from storage.topology import Topology, TopologyOperator
 from tests.runtime.e2e_support import (
     Completed,
+    Flag,
+    HeldSource,
     MixedSource,
     RunningCount,
     assert_counts_continue,
     assert_exactly,
     committed,
     run,
+    wait_for,
 )
 
 JOB_ID = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a"
@@ -78,9 +81,12 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
 
 
-def graph(out: Path) -> JobGraph:
+def graph(out: Path, release: Flag | None = None) -> JobGraph:
+    """The job under test; with ``release``, its sources end only once ``release`` is set."""
     job = JobGraph("storage-faults")
-    source = job.source(MixedSource(LENGTHS, rates=[500.0, 500.0]), uid="src", parallelism=2)
+    rates: list[float | None] = [500.0, 500.0]
+    mixed = MixedSource(LENGTHS, rates=rates) if release is None else HeldSource(LENGTHS, release, rates=rates)
+    source = job.source(mixed, uid="src", parallelism=2)
     counts = source.key_by(lambda r: r[1] % KEYS).process(RunningCount(), uid="count", parallelism=2)
     counts.sink(TransactionalFileSink(str(out)), uid="sink")
     return job
@@ -111,13 +117,33 @@ def config(
     )
 
 
-def run_job(job: JobGraph, cfg: JobConfig) -> tuple[JobResult, Completed]:
+def run_job(out: Path, cfg: JobConfig, *, through: int = 5) -> tuple[JobResult, Completed]:
+    """Run :func:`graph` writing to ``out``; its sources end once checkpoint ``through`` completed or failed.
+
+    Holding the end makes every test see checkpoints 1..``through`` however loaded the machine is.
+    """
     completed = Completed()
+    release = Flag()
+
+    def reached() -> bool:
+        seen = [c.checkpoint_id for c in completed.checkpoints] + [i for i, _, _ in completed.failures]
+        return max(seen, default=0) >= through
+
+    async def hold() -> None:
+        try:
+            await wait_for(reached, within=30.0, what=f"checkpoint {through}")
+        finally:
+            release.value = 1
 
     async def scenario() -> JobResult:
-        client = submit(job, cfg, job_id=JOB_ID)
+        client = submit(graph(out, release), cfg, job_id=JOB_ID)
         completed.watch(client)
-        return await client.wait()
+        holder = asyncio.ensure_future(hold())
+        try:
+            return await client.wait()
+        finally:
+            holder.cancel()
+            await asyncio.gather(holder, return_exceptions=True)
 
     return run(scenario()), completed
 
@@ -180,7 +206,7 @@ TRANSIENT = {
 @pytest.mark.parametrize("rules", TRANSIENT.values(), ids=TRANSIENT.keys())
 def test_transient_failures_are_retried_and_checkpoints_complete(tmp_path: Path, rules: list[FaultRule]) -> None:
     faulty, wrap = local_faults(*rules)
-    result, completed = run_job(graph(tmp_path / "out"), config(str(tmp_path / "ckpt"), wrap, retry=PATIENT))
+    result, completed = run_job(tmp_path / "out", config(str(tmp_path / "ckpt"), wrap, retry=PATIENT))
     assert result.status is JobStatus.FINISHED, result.error
     assert faulty.count() > 0, "faults were injected"
     assert completed.failures == [], "every fault was retried away"
@@ -197,7 +223,7 @@ def test_unknown_commit_outcome_is_resolved_by_committing_the_same_bytes_again(t
         FaultRule(Fault.CONNECTION_RESET, "put", key="*/chk-2/_metadata", times=2),
         FaultRule(Fault.THROTTLE, "get", key="*/chk-2/_metadata", times=2),
     )
-    result, completed = run_job(graph(tmp_path / "out"), config(str(tmp_path / "ckpt"), wrap, retry=retry))
+    result, completed = run_job(tmp_path / "out", config(str(tmp_path / "ckpt"), wrap, retry=retry))
     assert result.status is JobStatus.FINISHED, result.error
     assert faulty.count(Fault.CONNECTION_RESET) == 2
     assert 2 in [c.checkpoint_id for c in completed.checkpoints]
@@ -212,7 +238,7 @@ def test_commit_outcome_that_stays_unknown_fails_the_job_and_keeps_the_files(tmp
         FaultRule(Fault.THROTTLE, "get", key="*/chk-3/_metadata"),
     )
     root = tmp_path / "ckpt"
-    result, completed = run_job(graph(tmp_path / "out"), config(str(root), wrap, retry=retry, tolerable=5))
+    result, completed = run_job(tmp_path / "out", config(str(root), wrap, retry=retry, tolerable=5))
     assert result.status is JobStatus.FAILED
     assert "unknown outcome" in str(result.error)
     assert [c.checkpoint_id for c in completed.checkpoints] == [1, 2]
@@ -242,11 +268,11 @@ def test_persistent_failure_aborts_one_checkpoint_and_the_job_goes_on(
 ) -> None:
     root = tmp_path / "ckpt"
     faulty, wrap = local_faults(rule)
-    result, completed = run_job(graph(tmp_path / "out"), config(str(root), wrap, tolerable=1))
+    result, completed = run_job(tmp_path / "out", config(str(root), wrap, tolerable=1))
     assert result.status is JobStatus.FINISHED, result.error
-    assert [(i, r) for i, r, _ in completed.failures] == [(3, reason)]
-    assert faulty.count() >= FAST.max_attempts, "retried before giving up"
     ids = [c.checkpoint_id for c in completed.checkpoints]
+    assert [(i, r) for i, r, _ in completed.failures] == [(3, reason)], (ids, completed.failures)
+    assert faulty.count() >= FAST.max_attempts, "retried before giving up"
     assert 3 not in ids
     assert [i for i in ids if i < 3] == [1, 2]
     assert any(i > 3 for i in ids), "checkpoints went on after the failure"
@@ -261,7 +287,7 @@ def test_persistent_failure_past_the_tolerance_fails_the_job(
 ) -> None:
     root = tmp_path / "ckpt"
     _, wrap = local_faults(rule)
-    result, completed = run_job(graph(tmp_path / "out"), config(str(root), wrap, tolerable=0))
+    result, completed = run_job(tmp_path / "out", config(str(root), wrap, tolerable=0))
     assert result.status is JobStatus.FAILED
     assert str(result.error).startswith(THRESHOLD)
     assert [(i, r) for i, r, _ in completed.failures if r is not CheckpointFailureReason.JOB_FAILOVER] == [(3, reason)]
@@ -298,7 +324,7 @@ def test_s3_transient_failures_are_retried_by_botocore(tmp_path: Path, moto_endp
         S3FaultRule(Fault.CONNECTION_RESET, {"GetObject", "HeadObject"}, times=3),
     )
     root = f"s3://{server_bucket}/ckpt"
-    result, completed = run_job(graph(tmp_path / "out"), config(root, wrap, endpoint=moto_endpoint))
+    result, completed = run_job(tmp_path / "out", config(root, wrap, endpoint=moto_endpoint))
     assert result.status is JobStatus.FINISHED, result.error
     assert len(injector.injected) >= 10
     assert "timeout_after_write" in [f.what for f in injector.injected]
@@ -312,7 +338,7 @@ def test_s3_transient_failures_are_retried_by_botocore(tmp_path: Path, moto_endp
 def test_s3_persistent_failure_aborts_one_checkpoint(tmp_path: Path, moto_endpoint: str, server_bucket: str) -> None:
     _, wrap = s3_faults(S3FaultRule(Fault.THROTTLE, "PutObject", key="*/chk-3/_metadata"))
     root = f"s3://{server_bucket}/ckpt"
-    result, completed = run_job(graph(tmp_path / "out"), config(root, wrap, tolerable=1, endpoint=moto_endpoint))
+    result, completed = run_job(tmp_path / "out", config(root, wrap, tolerable=1, endpoint=moto_endpoint))
     assert result.status is JobStatus.FINISHED, result.error
     assert [(i, r) for i, r, _ in completed.failures] == [(3, CheckpointFailureReason.FINALIZE_CHECKPOINT_FAILURE)]
     assert s3_keys(moto_endpoint, server_bucket, f"ckpt/{JOB_ID}/chk-3") == [], "the aborted checkpoint is gone"

@@ -336,6 +336,38 @@ class MixedSource(Source):
         return inner.reader("split-0", position)
 
 
+class HeldSource(MixedSource):
+    """A :class:`MixedSource` whose splits, once read to their end, wait until ``release`` is set to finish.
+
+    Tests that need a bounded job to live through a number of checkpoints hold its end this way: a
+    paced source alone catches up after a stall of the event loop (a loaded CI machine), and the job can
+    then finish before the checkpoint a test is about.
+    """
+
+    def __init__(self, lengths: Sequence[int], release: Flag, **kwargs: Any) -> None:
+        super().__init__(lengths, **kwargs)
+        self.release = release
+
+    def reader(self, split: str, position: Any | None) -> SplitReader:
+        return _HeldReader(super().reader(split, position), self.release)
+
+
+class _HeldReader(SplitReader):
+    def __init__(self, inner: SplitReader, release: Flag) -> None:
+        self._inner = inner
+        self._release = release
+
+    async def read(self, max_records: int) -> list[Any] | None:
+        records = await self._inner.read(max_records)
+        if records is None and not self._release.value:
+            await asyncio.sleep(0.005)
+            return []
+        return records
+
+    def position(self) -> Any:
+        return self._inner.position()
+
+
 def expected_mixed(lengths: Sequence[int], first_split: int = 0) -> list[list[int]]:
     return [[first_split + i, n] for i, length in enumerate(lengths) for n in range(length)]
 
