@@ -132,8 +132,8 @@ class StateOutputStream:
             raise StorageError(f"write to state stream {self._store.describe(self._key)} after close or abort")
         try:
             self._file.write(data)
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            self._fail(exc)
             raise
 
     def tell(self) -> int:
@@ -144,8 +144,8 @@ class StateOutputStream:
         """Cut the current block; returns the file offset of the next block (key-group offsets)."""
         try:
             return self._file.start_block()
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            self._fail(exc)
             raise
 
     def compress_in_background(self) -> None:
@@ -161,8 +161,8 @@ class StateOutputStream:
         """Cut the current block without waiting for compression; :meth:`block_offset` resolves the number."""
         try:
             return self._file.mark_block()
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            self._fail(exc)
             raise
 
     def block_offset(self, number: int) -> int:
@@ -193,11 +193,20 @@ class StateOutputStream:
                     compression,
                     path=self._path,
                 )
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            self._fail(exc)
             raise
         self._on_open = None  # usually a bound method of the checkpoint writer: no reference cycle
         return self._handle
+
+    def _fail(self, exc: BaseException) -> None:
+        """Abort after ``exc``. Whatever a write hits because :meth:`abort` ran in another thread meanwhile
+        (the file writer is closed under it) is raised as that abort, a ``StorageError``."""
+        aborted = self._aborted
+        self.abort()
+        if aborted and isinstance(exc, Exception) and not isinstance(exc, StorageError):
+            where = self._store.describe(self._key)
+            raise StorageError(f"state stream {where} was aborted while being written") from exc
 
     def abort(self) -> None:
         """Discard the stream; nothing it wrote stays visible. Safe to call from another thread than the

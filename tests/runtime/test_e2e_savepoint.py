@@ -85,8 +85,10 @@ def test_stop_with_savepoint_drain_finishes_and_commits_everything(tmp_path: Pat
             assert names.index("end_input") < fin, where
             assert [e.arg for e in events if e.name == "watermark"] == [MAX_WATERMARK.timestamp], where
             after = [(e.name, e.arg) for e in events[fin + 1 :]]
-            # Every task waits for the same savepoint (C8, G3): nothing but it after finish().
-            assert after == [
+            # Every task waits for the same savepoint (C8, G3): nothing but it after finish(), except
+            # that a periodic checkpoint snapshotted before finish() may still notify (asynchronous).
+            late = [(n, a) for n, a in after if n == "notify_checkpoint_complete" and a < savepoint.checkpoint_id]
+            assert [x for x in after if x not in late] == [
                 ("snapshot_state", savepoint.checkpoint_id),
                 ("notify_checkpoint_complete", savepoint.checkpoint_id),
                 ("close", None),

@@ -92,3 +92,25 @@ def test_abort_from_another_thread_stops_the_writer(storage: CheckpointStorage) 
     assert not any(storage.store.list_objects(""))
     with pytest.raises(StorageError):
         stream.close()
+
+
+@pytest.mark.parametrize("call", ["write", "mark_block", "close"])
+def test_a_call_racing_an_abort_reports_the_abort(storage: CheckpointStorage, call: str) -> None:
+    # The interleaving the thread test above hits only sometimes: abort() lands in another thread after
+    # the stream checked it was not aborted and before its file writer runs (which is closed by then).
+    writer = storage.begin_checkpoint(JOB, 1)
+    stream = writer.open_stream("op/0/keyed")
+    stream.write(os.urandom(2 << 20))
+    file = stream._file
+    inner = getattr(file, "finish" if call == "close" else call)
+
+    def abort_first(*args: Any) -> Any:
+        writer.abort()
+        return inner(*args)
+
+    setattr(file, "finish" if call == "close" else call, abort_first)
+    args: tuple[Any, ...] = (os.urandom(1 << 20),) if call == "write" else ()
+    with pytest.raises(StorageError, match="was aborted while being written") as caught:
+        getattr(stream, call)(*args)
+    assert caught.value.__cause__ is not None, "the file writer's own error is kept as the cause"
+    assert not any(storage.store.list_objects(""))
