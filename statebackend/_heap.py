@@ -67,12 +67,19 @@ class HeapKV(KVStore):
             self._shared.discard(kg)
         return m
 
+    # get and put are the hot paths of every state access: _kg is inlined and put calls _writable only
+    # when the key group is new or shared with a snapshot.
+
     def get(self, key: bytes) -> bytes | None:
-        m = self._maps.get(_kg(key))
+        m = self._maps.get((key[0] << 8) | key[1])
         return None if m is None else m.get(key)
 
     def put(self, key: bytes, value: bytes) -> None:
-        self._writable(_kg(key))[key] = value
+        kg = (key[0] << 8) | key[1]
+        m = self._maps.get(kg)
+        if m is None or kg in self._shared:
+            m = self._writable(kg)
+        m[key] = value
 
     def delete(self, key: bytes) -> None:
         kg = _kg(key)
