@@ -38,8 +38,8 @@ _EXAMPLES = {
   keystate list ./checkpoints
   keystate list s3://bucket/ckpt --json --endpoint-url http://127.0.0.1:9000""",
     "dump": """examples:
-  keystate dump ./checkpoints --operator order-totals
-  keystate dump ./checkpoints --operator order-totals --state total --key-group 12
+  keystate dump ./checkpoints --operator click-counts
+  keystate dump ./checkpoints --operator click-counts --state count --key-group 12
   keystate dump ./checkpoints --operator sink --unsafe-unpickle   (only for checkpoints you trust)""",
     "check-restore": """examples:
   keystate check-restore s3://bucket/ckpt/<job> --topology new-topology.json
@@ -150,6 +150,15 @@ def _cmd_dump(args: argparse.Namespace) -> int:
             except UnicodeEncodeError:  # a lone surrogate (a damaged snapshot's state name): escape it
                 line = json.dumps(record, separators=(",", ":"))
         sys.stdout.write(line + "\n")
+    op = checkpoint.metadata.operator(args.operator)
+    finished = op.finished_subtasks if op is not None else []
+    if op is not None and finished:
+        # Finished tasks record no state (FLIP-147): say why they print nothing, on stderr (stdout stays JSON lines).
+        which = "fully finished" if op.fully_finished else f"partially finished (subtasks {finished})"
+        sys.stderr.write(
+            f"note: operator {printable(op.uid)!r} is {which} in checkpoint {checkpoint.checkpoint_id}; "
+            "finished subtasks have no state to dump\n"
+        )
     return EXIT_OK
 
 

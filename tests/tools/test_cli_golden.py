@@ -85,6 +85,22 @@ def test_dump_keyed_and_operator_state(cli: Cli, golden_root: Path) -> None:
     assert {r["mode"] for r in sink} == {"split"}
 
 
+def test_dump_says_on_stderr_why_finished_subtasks_print_nothing(cli: Cli, golden_root: Path) -> None:
+    src = cli("dump", str(golden_root), "--operator", "src")
+    assert (src.code, src.out) == (0, "")
+    assert src.err == (
+        "note: operator 'src' is fully finished in checkpoint 7; finished subtasks have no state to dump\n"
+    )
+    totals = cli("dump", str(golden_root), "--operator", "totals")
+    assert totals.code == 0
+    assert totals.out
+    assert totals.err == (
+        "note: operator 'totals' is partially finished (subtasks [1]) in checkpoint 7; "
+        "finished subtasks have no state to dump\n"
+    )
+    assert cli("dump", str(golden_root), "--operator", "sink").err == "", "no note for a running operator"
+
+
 def test_dump_never_unpickles_without_the_flag(cli: Cli, golden_root: Path) -> None:
     lines = cli("dump", str(golden_root), "--operator", "totals", "--state", "opaque").out.splitlines()
     records = [json.loads(line) for line in lines]
