@@ -151,10 +151,9 @@ def _cmd_dump(args: argparse.Namespace) -> int:
                 line = json.dumps(record, separators=(",", ":"))
         sys.stdout.write(line + "\n")
     op = checkpoint.metadata.operator(args.operator)
-    finished = op.finished_subtasks if op is not None else []
-    if op is not None and finished:
+    if op is not None and op.finished_subtasks:
         # Finished tasks record no state (FLIP-147): say why they print nothing, on stderr (stdout stays JSON lines).
-        which = "fully finished" if op.fully_finished else f"partially finished (subtasks {finished})"
+        which = "fully finished" if op.fully_finished else f"partially finished (subtasks {op.finished_subtasks})"
         sys.stderr.write(
             f"note: operator {printable(op.uid)!r} is {which} in checkpoint {checkpoint.checkpoint_id}; "
             "finished subtasks have no state to dump\n"

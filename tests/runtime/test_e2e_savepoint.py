@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from storage.metadata import CheckpointKind, CheckpointMetadata, OperatorStatus
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,
+    Event,
     EventLog,
     MixedSource,
     Recorder,
@@ -55,6 +57,15 @@ def _job(out: Path, log: EventLog, lengths: list[int | None], rate: float = 600.
     return job
 
 
+def _without_late_notifications(events: list[Event], checkpoint_id: int) -> list[tuple[str, Any]]:
+    """``(name, arg)`` of ``events`` without notifications of checkpoints older than ``checkpoint_id``.
+
+    A periodic checkpoint a task snapshotted earlier may still complete, and notify, after the task
+    took a later snapshot or ran finish(): completion is asynchronous, as in Flink.
+    """
+    return [(e.name, e.arg) for e in events if not (e.name == "notify_checkpoint_complete" and e.arg < checkpoint_id)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stop_with_savepoint_drain_finishes_and_commits_everything(tmp_path: Path, backend: str) -> None:
     log = EventLog()
@@ -84,11 +95,8 @@ def test_stop_with_savepoint_drain_finishes_and_commits_everything(tmp_path: Pat
             fin = names.index("finish")
             assert names.index("end_input") < fin, where
             assert [e.arg for e in events if e.name == "watermark"] == [MAX_WATERMARK.timestamp], where
-            after = [(e.name, e.arg) for e in events[fin + 1 :]]
-            # Every task waits for the same savepoint (C8, G3): nothing but it after finish(), except
-            # that a periodic checkpoint snapshotted before finish() may still notify (asynchronous).
-            late = [(n, a) for n, a in after if n == "notify_checkpoint_complete" and a < savepoint.checkpoint_id]
-            assert [x for x in after if x not in late] == [
+            # Every task waits for the same savepoint (C8, G3): nothing but it after finish().
+            assert _without_late_notifications(events[fin + 1 :], savepoint.checkpoint_id) == [
                 ("snapshot_state", savepoint.checkpoint_id),
                 ("notify_checkpoint_complete", savepoint.checkpoint_id),
                 ("close", None),
@@ -122,16 +130,13 @@ def test_stop_without_drain_then_resume_exactly_where_stopped(tmp_path: Path, ba
             events = log.of(uid, index)
             names = [e.name for e in events]
             assert not {"end_input", "finish", "watermark"} & set(names), f"{uid}[{index}] drained: {names}"
-            # The savepoint is the last snapshot, its notification the last before close(). A periodic
-            # checkpoint the task had already snapshotted may still complete (and notify) after the task
-            # took the savepoint's snapshot: completion is asynchronous, as in Flink.
+            # The savepoint is the last snapshot, its notification the last event before close().
             last = max(i for i, e in enumerate(events) if e.name == "snapshot_state")
-            after = [(e.name, e.arg) for e in events[last:]]
-            where = f"{uid}[{index}]: {after}"
-            assert after[0] == ("snapshot_state", savepoint.checkpoint_id), where
-            assert after[-2:] == [("notify_checkpoint_complete", savepoint.checkpoint_id), ("close", None)], where
-            late = after[1:-2]
-            assert all(n == "notify_checkpoint_complete" and a < savepoint.checkpoint_id for n, a in late), where
+            assert _without_late_notifications(events[last:], savepoint.checkpoint_id) == [
+                ("snapshot_state", savepoint.checkpoint_id),
+                ("notify_checkpoint_complete", savepoint.checkpoint_id),
+                ("close", None),
+            ], f"{uid}[{index}]: {names[last:]}"
     stopped_at = committed(out)
     assert 0 < len(stopped_at) < sum(LENGTHS), "the first run must stop part way"
 
