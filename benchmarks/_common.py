@@ -20,7 +20,7 @@ from typing import Any, Self, TypeVar
 
 import zstandard
 
-from storage import (
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     KeyedStateHandle,

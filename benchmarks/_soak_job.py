@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks._common import SharedProbe
-from runtime import GeneratorSource, JobGraph, OperatorContext, SequenceSource, TransactionalFileSink
-from runtime.demo import ClickCounts, OrderTotals
+from keystate.runtime import GeneratorSource, JobGraph, OperatorContext, SequenceSource, TransactionalFileSink
+from keystate.runtime.demo import ClickCounts, OrderTotals
 
 USERS = 20_000
 PAGES = 30_000

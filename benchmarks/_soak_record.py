@@ -25,9 +25,9 @@ from benchmarks._soak_measure import (
     rss_bytes,
     walk,
 )
-from runtime import CheckpointFailureReason
-from storage.checkpoints import CompletedCheckpoint
-from storage.metadata import CheckpointKind, OperatorStatus
+from keystate.runtime import CheckpointFailureReason
+from keystate.storage.checkpoints import CompletedCheckpoint
+from keystate.storage.metadata import CheckpointKind, OperatorStatus
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from benchmarks._soak_job import PAGES, USERS
 from benchmarks._soak_measure import Tree
 from benchmarks._soak_record import CheckpointEvent, Sample
 from benchmarks._soak_run import Run
-from runtime import JobStatus
+from keystate.runtime import JobStatus
 
 METRICS: dict[str, tuple[str, Callable[[Sample], float], str]] = {
     "rss": ("RSS", lambda x: x.rss / MIB, "MiB"),

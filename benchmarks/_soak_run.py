@@ -18,9 +18,9 @@ from benchmarks._common import MIB
 from benchmarks._soak_job import Probe, Settings, build_soak_job
 from benchmarks._soak_measure import Disk, measure_disk, top_growth, type_histogram
 from benchmarks._soak_record import CheckpointEvent, Recorder, Sample, take_sample, ticker
-from runtime import CheckpointConfig, JobConfig, JobStatus, submit
-from statebackend import LmdbStateBackend
-from storage.checkpoints import CompletedCheckpoint
+from keystate.runtime import CheckpointConfig, JobConfig, JobStatus, submit
+from keystate.statebackend import LmdbStateBackend
+from keystate.storage.checkpoints import CompletedCheckpoint
 
 # --- output verification -----------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from benchmarks._state_fixtures import (
     shuffled,
     value_descriptor,
 )
-from statebackend import (
+from keystate.statebackend import (
     BytesSerializer,
     KVKeyedStateBackend,
     ListState,

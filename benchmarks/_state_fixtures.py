@@ -11,15 +11,15 @@ from pathlib import Path
 import lmdb
 
 from benchmarks._common import Result
-from statebackend import (
+from keystate.statebackend import (
     BytesSerializer,
     HeapKeyedStateBackend,
     KVKeyedStateBackend,
     LmdbKeyedStateBackend,
     ValueStateDescriptor,
 )
-from statebackend._lmdb import LmdbKV
-from storage import KeyGroupRange
+from keystate.statebackend._lmdb import LmdbKV
+from keystate.storage import KeyGroupRange
 
 MB = 1_000_000
 KEY_BYTES = 16

@@ -39,8 +39,8 @@ from benchmarks._state_fixtures import (
     unique_values,
     value_descriptor,
 )
-from statebackend import LmdbKeyedStateBackend, ValueState, key_group_range_for_subtask
-from storage import (
+from keystate.statebackend import LmdbKeyedStateBackend, ValueState, key_group_range_for_subtask
+from keystate.storage import (
     CheckpointStorage,
     CompletedCheckpoint,
     KeyedStateHandle,

@@ -2,7 +2,7 @@
 
 Each campaign (``tests/reliability/campaign.py``) runs ``tests/reliability/job_child.py`` again and again
 on one checkpoint root: every child restores from the latest completed checkpoint and is SIGKILLed at a
-random time or dies at an armed kill point (the runtime's fault points of ``runtime.faults`` and the
+random time or dies at an armed kill point (the runtime's fault points of ``keystate.runtime.faults`` and the
 storage points: in the middle of a ``_metadata`` write, of a state file, of the sink's commit, and on S3
 with a PUT or an ``UploadPart`` of a multipart upload in flight); the last child runs until the job
 completes. After every child every completed checkpoint must verify, discovery must list exactly the

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks._common import Result, SharedProbe, print_json
-from runtime import (
+from keystate.runtime import (
     CheckpointConfig,
     JobConfig,
     JobGraph,
@@ -68,7 +68,7 @@ from runtime import (
     TwoPhaseCommitSink,
     run_job,
 )
-from statebackend import (
+from keystate.statebackend import (
     IntSerializer,
     KeySerializer,
     LmdbKeyedStateBackend,

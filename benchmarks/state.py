@@ -60,7 +60,7 @@ from benchmarks._common import print_json
 from benchmarks._state_access import collection_cases, value_cases
 from benchmarks._state_fixtures import ENTRIES_PER_KEY, FULL, QUICK, Config, StateResult
 from benchmarks._state_snapshots import snapshot_cases
-from storage import StreamOptions
+from keystate.storage import StreamOptions
 
 # --- output -------------------------------------------------------------------------------------------------
 

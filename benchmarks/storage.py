@@ -52,7 +52,7 @@ from benchmarks._common import (
     timed,
     write_blocks,
 )
-from storage import (
+from keystate.storage import (
     CheckpointStorage,
     CompletedCheckpoint,
     KeyedStateHandle,

@@ -9,10 +9,10 @@
     result = asyncio.run(run_job(job, JobConfig(checkpoint=CheckpointConfig(interval=0.5))))
 """
 
-from runtime import faults
-from runtime.config import CheckpointConfig, JobConfig, RestartStrategy
-from runtime.coordinator import CheckpointCoordinator, CheckpointFailureReason, SubtaskSnapshot
-from runtime.errors import (
+from keystate.runtime import faults
+from keystate.runtime.config import CheckpointConfig, JobConfig, RestartStrategy
+from keystate.runtime.coordinator import CheckpointCoordinator, CheckpointFailureReason, SubtaskSnapshot
+from keystate.runtime.errors import (
     ChannelClosedError,
     CheckpointFailedError,
     IncompatibleRestoreError,
@@ -22,10 +22,10 @@ from runtime.errors import (
     StopWithSavepointError,
     TaskFailedError,
 )
-from runtime.events import MAX_WATERMARK, Barrier, CheckpointOptions, EndOfData, StopMode, Watermark
-from runtime.execution import JobClient, JobResult, JobStatus, load_checkpoint, run_job, submit
-from runtime.graph import DataStream, InputSpec, JobGraph, KeyedStream, OperatorSpec
-from runtime.operators import (
+from keystate.runtime.events import MAX_WATERMARK, Barrier, CheckpointOptions, EndOfData, StopMode, Watermark
+from keystate.runtime.execution import JobClient, JobResult, JobStatus, load_checkpoint, run_job, submit
+from keystate.runtime.graph import DataStream, InputSpec, JobGraph, KeyedStream, OperatorSpec
+from keystate.runtime.operators import (
     FilterOperator,
     FlatMapOperator,
     KeyedProcessFunction,
@@ -34,10 +34,10 @@ from runtime.operators import (
     Operator,
     OperatorContext,
 )
-from runtime.plan import CheckpointPlan, SubtaskId, SubtaskStatus, calculate_plan
-from runtime.restore_rules import RULES, RestoreReport, Violation, check_restore
-from runtime.sinks import TransactionalFileSink, TwoPhaseCommitSink
-from runtime.sources import GeneratorSource, SequenceSource, Source, SourceOperator, SplitReader
+from keystate.runtime.plan import CheckpointPlan, SubtaskId, SubtaskStatus, calculate_plan
+from keystate.runtime.restore_rules import RULES, RestoreReport, Violation, check_restore
+from keystate.runtime.sinks import TransactionalFileSink, TwoPhaseCommitSink
+from keystate.runtime.sources import GeneratorSource, SequenceSource, Source, SourceOperator, SplitReader
 
 __all__ = [
     "MAX_WATERMARK",
@@ -95,3 +95,8 @@ __all__ = [
     "run_job",
     "submit",
 ]
+
+if __name__ != "keystate.runtime":
+    # One import root: this folder is installed as keystate.runtime. Refusing the bare name keeps every file
+    # importable under exactly one module name (two copies of one module mean two copies of its classes).
+    raise ImportError(f"import keystate.runtime, not {__name__!r}: keystate installs a single top-level package")

@@ -3,7 +3,7 @@
 For each operator of the new job: absent from the checkpoint -> starts empty; ``fully_finished`` ->
 every new subtask is deployed finished-on-restore, whatever the new parallelism; otherwise keyed
 handles go 1:1 at the same parallelism or by key-group intersection when rescaled, operator list
-state is redistributed by :func:`statebackend.repartition.repartition_operator_state`, and finished
+state is redistributed by :func:`keystate.statebackend.repartition.repartition_operator_state`, and finished
 subtask slots contribute nothing (a partially finished operator restores like one with as many
 subtasks as were running). A derived max parallelism adopts the checkpoint's value.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from runtime.plan import SubtaskId
-from runtime.task import TaskRestore
-from statebackend.repartition import assign_keyed_handles, repartition_operator_state
-from storage.checkpoints import CompletedCheckpoint
-from storage.metadata import KeyedStateHandle, OperatorStateHandle
-from storage.topology import Topology, TopologyOperator
+from keystate.runtime.plan import SubtaskId
+from keystate.runtime.task import TaskRestore
+from keystate.statebackend.repartition import assign_keyed_handles, repartition_operator_state
+from keystate.storage.checkpoints import CompletedCheckpoint
+from keystate.storage.metadata import KeyedStateHandle, OperatorStateHandle
+from keystate.storage.topology import Topology, TopologyOperator
 
 __all__ = ["assign_state", "effective_topology"]
 

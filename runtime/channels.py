@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from runtime.errors import ChannelClosedError
-from runtime.events import EndOfData, EndOfPartition
+from keystate.runtime.errors import ChannelClosedError
+from keystate.runtime.events import EndOfData, EndOfPartition
 
 __all__ = ["ChannelReceiver", "ChannelSender", "InputGate", "open_channel"]
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from runtime.events import CheckpointOptions
-from runtime.plan import SubtaskStatus
-from storage.metadata import KeyedStateHandle, OperatorStateHandle
+from keystate.runtime.events import CheckpointOptions
+from keystate.runtime.plan import SubtaskStatus
+from keystate.storage.metadata import KeyedStateHandle, OperatorStateHandle
 
 __all__ = ["CheckpointFailureReason", "PartialFinishingNotSupportedError", "SubtaskSnapshot", "TaskGateway"]
 

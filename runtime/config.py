@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from statebackend.backends import StateBackend
-from storage.base import ObjectStore
-from storage.retry import RetryPolicy
+from keystate.statebackend.backends import StateBackend
+from keystate.storage.base import ObjectStore
+from keystate.storage.retry import RetryPolicy
 
 __all__ = ["CheckpointConfig", "JobConfig", "RestartStrategy"]
 
@@ -32,7 +32,7 @@ class CheckpointConfig:
             are retried, for stores that do not retry on their own (S3 does, in botocore); also used
             to re-drive a ``_metadata`` commit whose outcome is unknown. ``None``: no retries.
         wrap_store: wraps the checkpoint object store before the retry layer, e.g. in a
-            ``storage.faults.FaultyObjectStore`` for fault injection, or for instrumentation.
+            ``keystate.storage.faults.FaultyObjectStore`` for fault injection, or for instrumentation.
     """
 
     interval: float | None = None

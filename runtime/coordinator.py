@@ -18,29 +18,29 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runtime import faults
-from runtime.checkpoint_protocol import (
+from keystate.runtime import faults
+from keystate.runtime.checkpoint_protocol import (
     CheckpointFailureReason,
     PartialFinishingNotSupportedError,
     SubtaskSnapshot,
     TaskGateway,
 )
-from runtime.config import CheckpointConfig
-from runtime.errors import CheckpointFailedError, JobFailedError, StopWithSavepointError
-from runtime.events import CheckpointOptions
-from runtime.plan import CheckpointPlan, PlanRejectedError, SubtaskId, calculate_plan
-from storage.checkpoints import CheckpointStorage, CheckpointWriter, CompletedCheckpoint
-from storage.errors import CommitOutcomeUnknownError, KeystateError
-from storage.metadata import (
+from keystate.runtime.config import CheckpointConfig
+from keystate.runtime.errors import CheckpointFailedError, JobFailedError, StopWithSavepointError
+from keystate.runtime.events import CheckpointOptions
+from keystate.runtime.plan import CheckpointPlan, PlanRejectedError, SubtaskId, calculate_plan
+from keystate.storage.checkpoints import CheckpointStorage, CheckpointWriter, CompletedCheckpoint
+from keystate.storage.errors import CommitOutcomeUnknownError, KeystateError
+from keystate.storage.metadata import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointProperties,
     OperatorState,
     SubtaskState,
 )
-from storage.retention import CompletedCheckpointStore
-from storage.retry import RetryPolicy
-from storage.topology import Topology
+from keystate.storage.retention import CompletedCheckpointStore
+from keystate.storage.retry import RetryPolicy
+from keystate.storage.topology import Topology
 
 __all__ = ["CheckpointCoordinator", "CheckpointFailureReason", "SubtaskSnapshot", "TaskGateway"]
 

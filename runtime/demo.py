@@ -22,18 +22,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from runtime.config import CheckpointConfig, JobConfig
-from runtime.execution import submit
-from runtime.graph import JobGraph
-from runtime.operators import KeyedProcessFunction, OperatorContext
-from runtime.sinks import TransactionalFileSink
-from runtime.sources import GeneratorSource, SequenceSource
-from statebackend.serializers import IntSerializer
-from statebackend.state import ValueState, ValueStateDescriptor
-from storage.base import ObjectStore, join_key
-from storage.checkpoints import CompletedCheckpoint
-from storage.metadata import OperatorStatus
-from storage.uri import open_storage
+from keystate.runtime.config import CheckpointConfig, JobConfig
+from keystate.runtime.execution import submit
+from keystate.runtime.graph import JobGraph
+from keystate.runtime.operators import KeyedProcessFunction, OperatorContext
+from keystate.runtime.sinks import TransactionalFileSink
+from keystate.runtime.sources import GeneratorSource, SequenceSource
+from keystate.statebackend.serializers import IntSerializer
+from keystate.statebackend.state import ValueState, ValueStateDescriptor
+from keystate.storage.base import ObjectStore, join_key
+from keystate.storage.checkpoints import CompletedCheckpoint
+from keystate.storage.metadata import OperatorStatus
+from keystate.storage.uri import open_storage
 
 __all__ = ["build_demo_job", "run_demo"]
 

@@ -1,13 +1,13 @@
-"""Runtime errors, part of the keystate tree rooted at ``storage.errors.KeystateError``."""
+"""Runtime errors, part of the keystate tree rooted at ``keystate.storage.errors.KeystateError``."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from storage.errors import KeystateError
+from keystate.storage.errors import KeystateError
 
 if TYPE_CHECKING:
-    from runtime.restore_rules import RestoreReport
+    from keystate.runtime.restore_rules import RestoreReport
 
 __all__ = [
     "ChannelClosedError",

@@ -5,7 +5,7 @@
 task failure cancels the others and the job restarts from the latest completed checkpoint after the
 restart strategy's delay (a full failover, as Flink's full restart strategy), until the attempts are
 used up. A restore from a given checkpoint or savepoint first runs the restore rules
-(:mod:`runtime.restore_rules`) and refuses an incompatible topology before anything starts.
+(:mod:`keystate.runtime.restore_rules`) and refuses an incompatible topology before anything starts.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ from collections import defaultdict
 from dataclasses import dataclass
 from enum import StrEnum
 
-from runtime.assignment import assign_state, effective_topology
-from runtime.channels import ChannelReceiver, ChannelSender, InputGate, open_channel
-from runtime.config import JobConfig
-from runtime.coordinator import CheckpointCoordinator, TaskGateway
-from runtime.errors import IncompatibleRestoreError, JobFailedError
-from runtime.graph import JobGraph
-from runtime.output import Output, OutputEdge
-from runtime.plan import SubtaskId, pointwise_targets
-from runtime.restore_rules import check_restore
-from runtime.task import Task, TaskRestore
-from statebackend.backends import StateBackend, state_backend
-from storage.checkpoints import CheckpointStorage, CompletedCheckpoint
-from storage.retry import with_retries
-from storage.streams import StreamOptions
-from storage.topology import Topology
-from storage.uri import open_storage, open_store, parse_location
+from keystate.runtime.assignment import assign_state, effective_topology
+from keystate.runtime.channels import ChannelReceiver, ChannelSender, InputGate, open_channel
+from keystate.runtime.config import JobConfig
+from keystate.runtime.coordinator import CheckpointCoordinator, TaskGateway
+from keystate.runtime.errors import IncompatibleRestoreError, JobFailedError
+from keystate.runtime.graph import JobGraph
+from keystate.runtime.output import Output, OutputEdge
+from keystate.runtime.plan import SubtaskId, pointwise_targets
+from keystate.runtime.restore_rules import check_restore
+from keystate.runtime.task import Task, TaskRestore
+from keystate.statebackend.backends import StateBackend, state_backend
+from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
+from keystate.storage.retry import with_retries
+from keystate.storage.streams import StreamOptions
+from keystate.storage.topology import Topology
+from keystate.storage.uri import open_storage, open_store, parse_location
 
 __all__ = ["JobClient", "JobResult", "JobStatus", "load_checkpoint", "run_job", "submit"]
 

@@ -4,7 +4,7 @@ The runtime calls :func:`point` at every step of the checkpoint protocol (never 
 a point is one call and one falsy check. :func:`arm` makes the n-th matching hit of a point raise an
 exception, call a function, or SIGKILL the process::
 
-    from runtime import faults
+    from keystate.runtime import faults
 
     faults.arm("metadata.commit.after", faults.KILL, nth=3)                 # die after the 3rd commit
     faults.arm("snapshot.async", faults.raise_(OSError("disk gone")), when=lambda c: c["uid"] == "sink")
@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.errors import KeystateError
-from storage.faults import kill_process
+from keystate.storage.errors import KeystateError
+from keystate.storage.faults import kill_process
 
 __all__ = [
     "KILL",

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import JobGraphError
-from runtime.operators import (
+from keystate.runtime.errors import JobGraphError
+from keystate.runtime.operators import (
     FilterOperator,
     FlatMapOperator,
     KeyedProcessFunction,
@@ -29,11 +29,11 @@ from runtime.operators import (
     MapOperator,
     Operator,
 )
-from runtime.sources import Source, SourceOperator
-from statebackend.serializers import Serializer
-from storage.errors import TopologyError
-from storage.keygroups import default_max_parallelism
-from storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from keystate.runtime.sources import Source, SourceOperator
+from keystate.statebackend.serializers import Serializer
+from keystate.storage.errors import TopologyError
+from keystate.storage.keygroups import default_max_parallelism
+from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
 
 __all__ = ["DataStream", "InputSpec", "JobGraph", "KeyedStream", "OperatorSpec"]
 

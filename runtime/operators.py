@@ -13,10 +13,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
-from runtime.errors import JobError
-from runtime.events import Watermark
-from statebackend.operator_state import OperatorStateBackend
-from statebackend.state import (
+from keystate.runtime.errors import JobError
+from keystate.runtime.events import Watermark
+from keystate.statebackend.operator_state import OperatorStateBackend
+from keystate.statebackend.state import (
     AggregatingState,
     AggregatingStateDescriptor,
     KeyedStateBackend,

@@ -14,10 +14,10 @@ from typing import Any
 
 import xxhash
 
-from runtime.channels import ChannelSender
-from statebackend.serializers import KeySerializer, Serializer
-from storage.keygroups import operator_index_for_key_group
-from storage.topology import Partitioning
+from keystate.runtime.channels import ChannelSender
+from keystate.statebackend.serializers import KeySerializer, Serializer
+from keystate.storage.keygroups import operator_index_for_key_group
+from keystate.storage.topology import Partitioning
 
 __all__ = ["Output", "OutputEdge"]
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from storage.topology import Topology
+from keystate.storage.topology import Topology
 
 __all__ = [
     "CheckpointPlan",

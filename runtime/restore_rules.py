@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.metadata import CheckpointMetadata, OperatorStatus
-from storage.topology import Partitioning, Topology
+from keystate.storage.metadata import CheckpointMetadata, OperatorStatus
+from keystate.storage.topology import Partitioning, Topology
 
 __all__ = ["RULES", "RestoreReport", "Violation", "check_restore"]
 

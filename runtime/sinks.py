@@ -26,14 +26,14 @@ from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from runtime import faults
-from runtime.operators import Operator
-from statebackend.serializers import JsonSerializer
-from statebackend.state import ListStateDescriptor
-from storage.base import ObjectStore, PutMode, join_key
-from storage.errors import AlreadyExistsError, NotFoundError
-from storage.retry import RetryPolicy, with_retries
-from storage.uri import open_store, parse_location
+from keystate.runtime import faults
+from keystate.runtime.operators import Operator
+from keystate.statebackend.serializers import JsonSerializer
+from keystate.statebackend.state import ListStateDescriptor
+from keystate.storage.base import ObjectStore, PutMode, join_key
+from keystate.storage.errors import AlreadyExistsError, NotFoundError
+from keystate.storage.retry import RetryPolicy, with_retries
+from keystate.storage.uri import open_store, parse_location
 
 __all__ = ["TransactionalFileSink", "TwoPhaseCommitSink"]
 
@@ -140,7 +140,7 @@ class TransactionalFileSink(TwoPhaseCommitSink):
         location: where committed files go (staged ones under ``_staging/``).
         endpoint_url: S3 endpoint override.
         retry: retries of transient storage failures for stores that do not retry on their own
-            (``storage.retry``); ``None``: none.
+            (``keystate.storage.retry``); ``None``: none.
         wrap_store: wraps the object store before the retry layer (e.g. ``FaultyObjectStore``).
     """
 

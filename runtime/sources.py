@@ -14,9 +14,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from runtime.operators import Operator
-from statebackend.serializers import JsonSerializer
-from statebackend.state import ListStateDescriptor
+from keystate.runtime.operators import Operator
+from keystate.statebackend.serializers import JsonSerializer
+from keystate.statebackend.state import ListStateDescriptor
 
 __all__ = ["GeneratorSource", "SequenceSource", "Source", "SourceOperator", "SplitReader"]
 

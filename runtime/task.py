@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from runtime import faults
-from runtime.channels import InputGate
-from runtime.coordinator import SubtaskSnapshot
-from runtime.errors import StopWithSavepointError, TaskFailedError
-from runtime.events import (
+from keystate.runtime import faults
+from keystate.runtime.channels import InputGate
+from keystate.runtime.coordinator import SubtaskSnapshot
+from keystate.runtime.errors import StopWithSavepointError, TaskFailedError
+from keystate.runtime.events import (
     END_OF_PARTITION,
     MAX_WATERMARK,
     Barrier,
@@ -34,21 +34,21 @@ from runtime.events import (
     StopMode,
     Watermark,
 )
-from runtime.operators import KeyedProcessOperator, Operator, OperatorContext
-from runtime.output import Output
-from runtime.plan import SubtaskId, SubtaskStatus
-from runtime.sources import SourceOperator
-from statebackend.backends import StateBackend
-from statebackend.operator_state import OperatorSnapshot
-from statebackend.state import KeyedSnapshot, KeyedStateBackend
-from storage.checkpoints import CheckpointWriter, CompletedCheckpoint
-from storage.errors import KeystateError
-from storage.keygroups import key_group_range_for_subtask
-from storage.metadata import KeyedStateHandle, OperatorStateHandle
+from keystate.runtime.operators import KeyedProcessOperator, Operator, OperatorContext
+from keystate.runtime.output import Output
+from keystate.runtime.plan import SubtaskId, SubtaskStatus
+from keystate.runtime.sources import SourceOperator
+from keystate.statebackend.backends import StateBackend
+from keystate.statebackend.operator_state import OperatorSnapshot
+from keystate.statebackend.state import KeyedSnapshot, KeyedStateBackend
+from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
+from keystate.storage.errors import KeystateError
+from keystate.storage.keygroups import key_group_range_for_subtask
+from keystate.storage.metadata import KeyedStateHandle, OperatorStateHandle
 
 if TYPE_CHECKING:
-    from runtime.coordinator import CheckpointCoordinator
-    from runtime.graph import OperatorSpec
+    from keystate.runtime.coordinator import CheckpointCoordinator
+    from keystate.runtime.graph import OperatorSpec
 
 __all__ = ["Task", "TaskRestore", "TaskState"]
 

@@ -12,8 +12,8 @@ Embedding without the keystate runtime::
     handle = snapshot.write(writer, "totals/0/keyed")   # asynchronous part, any thread
 """
 
-from statebackend.backends import HeapStateBackend, LmdbStateBackend, StateBackend, state_backend
-from statebackend.errors import (
+from keystate.statebackend.backends import HeapStateBackend, LmdbStateBackend, StateBackend, state_backend
+from keystate.statebackend.errors import (
     KeyGroupOutOfRangeError,
     SerializationError,
     StateError,
@@ -21,8 +21,8 @@ from statebackend.errors import (
     StateRestoreError,
     StateSnapshotError,
 )
-from statebackend.keyed import HeapKeyedStateBackend, KVKeyedStateBackend, LmdbKeyedStateBackend
-from statebackend.keygroups import (
+from keystate.statebackend.keyed import HeapKeyedStateBackend, KVKeyedStateBackend, LmdbKeyedStateBackend
+from keystate.statebackend.keygroups import (
     KEY_GROUP_HASH,
     KeyGroupRange,
     assign_key_group,
@@ -30,9 +30,9 @@ from statebackend.keygroups import (
     key_group_range_for_subtask,
     operator_index_for_key_group,
 )
-from statebackend.operator_state import OperatorSnapshot, OperatorStateBackend
-from statebackend.repartition import assign_keyed_handles, repartition_operator_state
-from statebackend.serializers import (
+from keystate.statebackend.operator_state import OperatorSnapshot, OperatorStateBackend
+from keystate.statebackend.repartition import assign_keyed_handles, repartition_operator_state
+from keystate.statebackend.serializers import (
     BytesSerializer,
     FloatSerializer,
     IntSerializer,
@@ -43,7 +43,7 @@ from statebackend.serializers import (
     StrSerializer,
     safe_serializer,
 )
-from statebackend.state import (
+from keystate.statebackend.state import (
     AggregateFunction,
     AggregatingState,
     AggregatingStateDescriptor,
@@ -61,7 +61,7 @@ from statebackend.state import (
     ValueState,
     ValueStateDescriptor,
 )
-from statebackend.ttl import StateVisibility, TtlConfig, TtlUpdate
+from keystate.statebackend.ttl import StateVisibility, TtlConfig, TtlUpdate
 
 __all__ = [
     "KEY_GROUP_HASH",
@@ -116,3 +116,8 @@ __all__ = [
     "safe_serializer",
     "state_backend",
 ]
+
+if __name__ != "keystate.statebackend":
+    # One import root: this folder is installed as keystate.statebackend. Refusing the bare name keeps every file
+    # importable under exactly one module name (two copies of one module mean two copies of its classes).
+    raise ImportError(f"import keystate.statebackend, not {__name__!r}: keystate installs a single top-level package")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from statebackend._kv import CHUNK_ENTRIES, Chunk, KVSnapshot, KVStore
-from storage.keygroups import KeyGroupRange
+from keystate.statebackend._kv import CHUNK_ENTRIES, Chunk, KVSnapshot, KVStore
+from keystate.storage.keygroups import KeyGroupRange
 
 __all__ = ["HeapKV"]
 

@@ -2,7 +2,7 @@
 
 Keys are the composite state keys of ``docs/format.md`` (``>H`` key group first, so a key group is
 one contiguous, sorted range). The state types (value, list, map, ...) are written once against this
-interface in ``statebackend._states``; the engines only store bytes.
+interface in ``keystate.statebackend._states``; the engines only store bytes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
-from storage.keygroups import KeyGroupRange
+from keystate.storage.keygroups import KeyGroupRange
 
 __all__ = ["CHUNK_ENTRIES", "Chunk", "Columns", "KVSnapshot", "KVStore"]
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import lmdb
 
-from statebackend._kv import CHUNK_ENTRIES, Chunk, Columns, KVSnapshot, KVStore
-from statebackend.errors import StateError
-from storage.keygroups import KeyGroupRange
+from keystate.statebackend._kv import CHUNK_ENTRIES, Chunk, Columns, KVSnapshot, KVStore
+from keystate.statebackend.errors import StateError
+from keystate.storage.keygroups import KeyGroupRange
 
 __all__ = ["LMDB_LAYOUT_VERSION", "LmdbKV"]
 

@@ -1,13 +1,13 @@
 """The keyed snapshot payload: backend-neutral, so LMDB state restores into the heap and vice versa.
 
-Inside a state file (``storage.statefile``), the raw payload of a keyed snapshot is::
+Inside a state file (``keystate.storage.statefile``), the raw payload of a keyed snapshot is::
 
     >I meta length | meta (UTF-8 JSON)             -- the blocks before offsets[0]
     per key group g of the handle's range, starting at offsets[g - start] (a block boundary):
         entries, each: >H key length | key | >I value length | value
 
 ``key`` is the full composite key (it starts with ``>H g``, so every entry proves its key group) and
-``value`` the stored value, exactly as the engines hold them (``statebackend._states``). The meta
+``value`` the stored value, exactly as the engines hold them (``keystate.statebackend._states``). The meta
 JSON names the key serializer, the key-group hash, and every state: id, name, kind, serializers, TTL.
 """
 
@@ -20,17 +20,17 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from statebackend._kv import CHUNK_ENTRIES, Chunk, KVSnapshot
-from statebackend._states import MAX_STORED_KEY_BYTES, split_frames, ttl_filter
-from statebackend.errors import StateError, StateRestoreError
-from statebackend.state import StateKind
-from statebackend.ttl import StateVisibility, TtlConfig, TtlUpdate
-from storage.checkpoints import CheckpointWriter, CompletedCheckpoint
-from storage.errors import StateFileError
-from storage.keygroups import KeyGroupRange
-from storage.metadata import KeyedStateHandle
-from storage.statefile import FILE_HEADER
-from storage.validation import check_keys, loads_strict, opt_int, req_bool, req_int, req_list, req_str
+from keystate.statebackend._kv import CHUNK_ENTRIES, Chunk, KVSnapshot
+from keystate.statebackend._states import MAX_STORED_KEY_BYTES, split_frames, ttl_filter
+from keystate.statebackend.errors import StateError, StateRestoreError
+from keystate.statebackend.state import StateKind
+from keystate.statebackend.ttl import StateVisibility, TtlConfig, TtlUpdate
+from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
+from keystate.storage.errors import StateFileError
+from keystate.storage.keygroups import KeyGroupRange
+from keystate.storage.metadata import KeyedStateHandle
+from keystate.storage.statefile import FILE_HEADER
+from keystate.storage.validation import check_keys, loads_strict, opt_int, req_bool, req_int, req_list, req_str
 
 __all__ = ["KeyedSnapshotReader", "SnapshotMeta", "StateMeta", "write_keyed_snapshot"]
 

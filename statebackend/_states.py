@@ -16,9 +16,9 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from statebackend.errors import StateError
-from statebackend.serializers import BytesSerializer, Serializer
-from statebackend.state import (
+from keystate.statebackend.errors import StateError
+from keystate.statebackend.serializers import BytesSerializer, Serializer
+from keystate.statebackend.state import (
     AggregatingState,
     AggregatingStateDescriptor,
     ListState,
@@ -32,10 +32,10 @@ from statebackend.state import (
     ValueState,
     ValueStateDescriptor,
 )
-from statebackend.ttl import TTL_HEADER, StateVisibility, TtlConfig, TtlUpdate
+from keystate.statebackend.ttl import TTL_HEADER, StateVisibility, TtlConfig, TtlUpdate
 
 if TYPE_CHECKING:
-    from statebackend.keyed import KVKeyedStateBackend
+    from keystate.statebackend.keyed import KVKeyedStateBackend
 
 __all__ = ["MAX_STORED_KEY_BYTES", "make_state", "split_frames", "ttl_filter"]
 

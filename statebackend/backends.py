@@ -9,12 +9,12 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from statebackend.keyed import HeapKeyedStateBackend, LmdbKeyedStateBackend
-from statebackend.operator_state import OperatorStateBackend
-from statebackend.serializers import Serializer
-from statebackend.state import KeyedStateBackend
-from statebackend.ttl import Clock, system_clock_ms
-from storage.keygroups import KeyGroupRange
+from keystate.statebackend.keyed import HeapKeyedStateBackend, LmdbKeyedStateBackend
+from keystate.statebackend.operator_state import OperatorStateBackend
+from keystate.statebackend.serializers import Serializer
+from keystate.statebackend.state import KeyedStateBackend
+from keystate.statebackend.ttl import Clock, system_clock_ms
+from keystate.storage.keygroups import KeyGroupRange
 
 __all__ = ["HeapStateBackend", "LmdbStateBackend", "StateBackend", "state_backend"]
 

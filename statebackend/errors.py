@@ -1,8 +1,8 @@
-"""State-backend errors: part of the keystate tree rooted at ``storage.errors.KeystateError``."""
+"""State-backend errors: part of the keystate tree rooted at ``keystate.storage.errors.KeystateError``."""
 
 from __future__ import annotations
 
-from storage.errors import FormatError, KeystateError
+from keystate.storage.errors import FormatError, KeystateError
 
 __all__ = [
     "KeyGroupOutOfRangeError",

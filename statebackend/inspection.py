@@ -11,13 +11,13 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from statebackend._snapshot import KeyedSnapshotReader, SnapshotMeta, StateMeta
-from statebackend._states import split_frames
-from statebackend.errors import StateRestoreError
-from statebackend.state import StateKind
-from storage.checkpoints import CompletedCheckpoint
-from storage.keygroups import KeyGroupRange
-from storage.metadata import KeyedStateHandle, OperatorStateHandle
+from keystate.statebackend._snapshot import KeyedSnapshotReader, SnapshotMeta, StateMeta
+from keystate.statebackend._states import split_frames
+from keystate.statebackend.errors import StateRestoreError
+from keystate.statebackend.state import StateKind
+from keystate.storage.checkpoints import CompletedCheckpoint
+from keystate.storage.keygroups import KeyGroupRange
+from keystate.storage.metadata import KeyedStateHandle, OperatorStateHandle
 
 __all__ = ["KeyedEntry", "OperatorElement", "read_keyed_entries", "read_operator_elements", "snapshot_meta"]
 

@@ -11,32 +11,32 @@ from typing import Any
 
 import xxhash
 
-from statebackend._heap import HeapKV
-from statebackend._kv import Chunk, KVSnapshot, KVStore
-from statebackend._lmdb import LmdbKV
-from statebackend._snapshot import KeyedSnapshotReader, SnapshotMeta, StateMeta, write_keyed_snapshot
-from statebackend._states import make_state, ttl_filter
-from statebackend.errors import (
+from keystate.statebackend._heap import HeapKV
+from keystate.statebackend._kv import Chunk, KVSnapshot, KVStore
+from keystate.statebackend._lmdb import LmdbKV
+from keystate.statebackend._snapshot import KeyedSnapshotReader, SnapshotMeta, StateMeta, write_keyed_snapshot
+from keystate.statebackend._states import make_state, ttl_filter
+from keystate.statebackend.errors import (
     KeyGroupOutOfRangeError,
     StateError,
     StateMigrationError,
     StateRestoreError,
     StateSnapshotError,
 )
-from statebackend.keygroups import KEY_GROUP_HASH
-from statebackend.serializers import BytesSerializer, KeySerializer, Serializer
-from statebackend.state import (
+from keystate.statebackend.keygroups import KEY_GROUP_HASH
+from keystate.statebackend.serializers import BytesSerializer, KeySerializer, Serializer
+from keystate.statebackend.state import (
     KeyedSnapshot,
     KeyedStateBackend,
     MapStateDescriptor,
     State,
     StateDescriptor,
 )
-from statebackend.ttl import Clock, system_clock_ms
-from storage.checkpoints import CheckpointWriter, CompletedCheckpoint
-from storage.errors import KeystateError
-from storage.keygroups import KeyGroupRange, check_max_parallelism
-from storage.metadata import KeyedStateHandle
+from keystate.statebackend.ttl import Clock, system_clock_ms
+from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
+from keystate.storage.errors import KeystateError
+from keystate.storage.keygroups import KeyGroupRange, check_max_parallelism
+from keystate.storage.metadata import KeyedStateHandle
 
 __all__ = ["HeapKeyedStateBackend", "KVKeyedStateBackend", "LmdbKeyedStateBackend"]
 
@@ -85,7 +85,7 @@ class _Snapshot(KeyedSnapshot):
 
 
 class KVKeyedStateBackend(KeyedStateBackend):
-    """The keyed backend, written once over any :class:`~statebackend._kv.KVStore`.
+    """The keyed backend, written once over any :class:`~keystate.statebackend._kv.KVStore`.
 
     Args:
         kv: the engine (LMDB or heap).

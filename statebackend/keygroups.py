@@ -3,14 +3,14 @@
 ``key_group = xxh3_64(serialized_key, seed=0) % max_parallelism`` (hash version ``xxh3-64-v1``).
 xxh3 is specified byte-exactly and implemented in C, so the mapping is the same on every machine,
 process and Python version (Python's ``hash()`` is randomised per process and must never be used).
-Subtask assignment and ranges are Flink's formulas (``storage.keygroups``).
+Subtask assignment and ranges are Flink's formulas (``keystate.storage.keygroups``).
 """
 
 from __future__ import annotations
 
 import xxhash
 
-from storage.keygroups import (
+from keystate.storage.keygroups import (
     KeyGroupRange,
     default_max_parallelism,
     key_group_range_for_subtask,

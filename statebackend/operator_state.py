@@ -3,7 +3,7 @@
 Each subtask holds named lists. A snapshot writes every element as ``>I length | bytes`` into one
 state file and records, per name, the distribution mode and the (uncompressed) offset of each
 element, as Flink's ``OperatorStateHandle`` does; on restore the runtime redistributes those
-offsets with :func:`statebackend.repartition.repartition_operator_state`.
+offsets with :func:`keystate.statebackend.repartition.repartition_operator_state`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from statebackend.errors import StateError, StateMigrationError, StateRestoreError, StateSnapshotError
-from statebackend.serializers import Serializer
-from statebackend.state import ListState, ListStateDescriptor
-from storage.checkpoints import CheckpointWriter, CompletedCheckpoint
-from storage.errors import KeystateError
-from storage.metadata import DistributionMode, OperatorStateEntry, OperatorStateHandle
+from keystate.statebackend.errors import StateError, StateMigrationError, StateRestoreError, StateSnapshotError
+from keystate.statebackend.serializers import Serializer
+from keystate.statebackend.state import ListState, ListStateDescriptor
+from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
+from keystate.storage.errors import KeystateError
+from keystate.storage.metadata import DistributionMode, OperatorStateEntry, OperatorStateHandle
 
 __all__ = ["OperatorSnapshot", "OperatorStateBackend"]
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from storage.keygroups import key_group_range_for_subtask
-from storage.metadata import (
+from keystate.storage.keygroups import key_group_range_for_subtask
+from keystate.storage.metadata import (
     DistributionMode,
     KeyedStateHandle,
     OperatorStateEntry,

@@ -20,7 +20,7 @@ import struct
 from abc import ABC, abstractmethod
 from typing import Any, Generic, TypeVar
 
-from statebackend.errors import SerializationError
+from keystate.statebackend.errors import SerializationError
 
 __all__ = [
     "BytesSerializer",

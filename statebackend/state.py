@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, Protocol, TypeVar, overload
 
-from statebackend.serializers import PickleSerializer, Serializer
-from statebackend.ttl import TtlConfig
-from storage.checkpoints import CheckpointWriter, CompletedCheckpoint
-from storage.keygroups import KeyGroupRange
-from storage.metadata import KeyedStateHandle
+from keystate.statebackend.serializers import PickleSerializer, Serializer
+from keystate.statebackend.ttl import TtlConfig
+from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
+from keystate.storage.keygroups import KeyGroupRange
+from keystate.storage.metadata import KeyedStateHandle
 
 __all__ = [
     "AggregateFunction",

@@ -10,18 +10,18 @@ Start with :func:`open_storage`::
     completed = writer.commit(metadata)                       # _metadata last, create-only
 """
 
-from storage._local import LocalObjectStore
-from storage._memory import MemoryObjectStore
-from storage._s3 import S3ObjectStore, make_s3_client
-from storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode
-from storage.checkpoints import (
+from keystate.storage._local import LocalObjectStore
+from keystate.storage._memory import MemoryObjectStore
+from keystate.storage._s3 import S3ObjectStore, make_s3_client
+from keystate.storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode
+from keystate.storage.checkpoints import (
     METADATA_FILE,
     CheckpointPointer,
     CheckpointStorage,
     CheckpointWriter,
     CompletedCheckpoint,
 )
-from storage.errors import (
+from keystate.storage.errors import (
     AlreadyExistsError,
     BucketNotFoundError,
     CheckpointNotFoundError,
@@ -44,14 +44,14 @@ from storage.errors import (
     UnsafePathError,
     UnsupportedFormatVersionError,
 )
-from storage.faults import Fault, FaultRule, FaultyObjectStore
-from storage.keygroups import (
+from keystate.storage.faults import Fault, FaultRule, FaultyObjectStore
+from keystate.storage.keygroups import (
     KeyGroupRange,
     default_max_parallelism,
     key_group_range_for_subtask,
     operator_index_for_key_group,
 )
-from storage.metadata import (
+from keystate.storage.metadata import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointProperties,
@@ -65,12 +65,12 @@ from storage.metadata import (
     StreamHandle,
     SubtaskState,
 )
-from storage.retention import CompletedCheckpointStore
-from storage.retry import RetryingObjectStore, RetryPolicy, with_retries
-from storage.statefile import Compression, StateFileReader, StateFileWriter
-from storage.streams import StateOutputStream, StreamOptions
-from storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
-from storage.uri import Location, open_storage, open_store, parse_location
+from keystate.storage.retention import CompletedCheckpointStore
+from keystate.storage.retry import RetryingObjectStore, RetryPolicy, with_retries
+from keystate.storage.statefile import Compression, StateFileReader, StateFileWriter
+from keystate.storage.streams import StateOutputStream, StreamOptions
+from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from keystate.storage.uri import Location, open_storage, open_store, parse_location
 
 __all__ = [
     "METADATA_FILE",
@@ -145,3 +145,8 @@ __all__ = [
     "parse_location",
     "with_retries",
 ]
+
+if __name__ != "keystate.storage":
+    # One import root: this folder is installed as keystate.storage. Refusing the bare name keeps every file
+    # importable under exactly one module name (two copies of one module mean two copies of its classes).
+    raise ImportError(f"import keystate.storage, not {__name__!r}: keystate installs a single top-level package")

@@ -1,4 +1,4 @@
-"""Helper threads that compress and hash state-file blocks (``storage.statefile.StateFileWriter``)."""
+"""Helper threads that compress and hash state-file blocks (``keystate.storage.statefile.StateFileWriter``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import weakref
 import xxhash
 import zstandard
 
-from storage.errors import StateFileError
+from keystate.storage.errors import StateFileError
 
 __all__ = ["BlockHelpers", "zstd_compressor"]
 

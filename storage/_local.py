@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
-from storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode, validate_key
-from storage.errors import AlreadyExistsError, NotFoundError, StorageAccessDeniedError, StorageError
+from keystate.storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode, validate_key
+from keystate.storage.errors import AlreadyExistsError, NotFoundError, StorageAccessDeniedError, StorageError
 
 __all__ = ["LocalObjectStore"]
 

@@ -11,8 +11,8 @@ import io
 import threading
 from collections.abc import Iterator
 
-from storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode, validate_key
-from storage.errors import AlreadyExistsError, NotFoundError, StorageError
+from keystate.storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode, validate_key
+from keystate.storage.errors import AlreadyExistsError, NotFoundError, StorageError
 
 __all__ = ["MemoryObjectStore"]
 

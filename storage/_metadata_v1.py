@@ -1,6 +1,6 @@
 """``_metadata`` format version 1: JSON serialization and field-by-field parsing.
 
-``storage._metadata_versions`` pops ``format_version`` and dispatches to a version's parser; a later
+``keystate.storage._metadata_versions`` pops ``format_version`` and dispatches to a version's parser; a later
 version adds its own module beside this one and an entry in that registry instead of editing this one.
 Every field has one small parser whose error names the file and the JSON path of the field.
 """
@@ -13,9 +13,9 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from storage.errors import MetadataError
-from storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
-from storage.metadata import (
+from keystate.storage.errors import MetadataError
+from keystate.storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
+from keystate.storage.metadata import (
     CHECKSUM_PATTERN,
     JOB_ID_PATTERN,
     CheckpointKind,
@@ -30,9 +30,9 @@ from storage.metadata import (
     StreamHandle,
     SubtaskState,
 )
-from storage.statefile import Compression
-from storage.topology import UID_PATTERN, parse_input_edge
-from storage.validation import (
+from keystate.storage.statefile import Compression
+from keystate.storage.topology import UID_PATTERN, parse_input_edge
+from keystate.storage.validation import (
     check_keys,
     req_bool,
     req_int,

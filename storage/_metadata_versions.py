@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from storage._metadata_v1 import dump_v1, parse_v1
-from storage.errors import MetadataError, UnsupportedMetadataVersionError
-from storage.metadata import CheckpointMetadata
-from storage.validation import loads_strict
+from keystate.storage._metadata_v1 import dump_v1, parse_v1
+from keystate.storage.errors import MetadataError, UnsupportedMetadataVersionError
+from keystate.storage.metadata import CheckpointMetadata
+from keystate.storage.validation import loads_strict
 
 __all__ = ["SUPPORTED_VERSIONS", "dump_metadata", "load_metadata"]
 

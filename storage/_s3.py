@@ -24,8 +24,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode, join_key, validate_key
-from storage.errors import (
+from keystate.storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode, join_key, validate_key
+from keystate.storage.errors import (
     AlreadyExistsError,
     BucketNotFoundError,
     CredentialsError,

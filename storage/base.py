@@ -4,14 +4,14 @@ An :class:`ObjectStore` holds immutable objects under ``/``-separated keys relat
 local directory, an S3 bucket and prefix, or memory). The contract is deliberately narrow:
 
 * ``put`` and ``open_writer`` take an explicit :class:`PutMode`; ``PutMode.CREATE`` raises
-  :class:`~storage.errors.AlreadyExistsError` if the object exists, and is atomic: two concurrent
+  :class:`~keystate.storage.errors.AlreadyExistsError` if the object exists, and is atomic: two concurrent
   creates of one key never both succeed.
 * An object becomes visible only when it is complete (a local temp file linked into place, an S3
   put or a completed multipart upload); a reader never sees half an object.
-* Every backend reports a missing object as :class:`~storage.errors.NotFoundError` and nothing else;
+* Every backend reports a missing object as :class:`~keystate.storage.errors.NotFoundError` and nothing else;
   ``delete`` of a missing object is a no-op.
 
-Checkpoint layout, metadata and state files are built on top of this in ``storage.checkpoints``.
+Checkpoint layout, metadata and state files are built on top of this in ``keystate.storage.checkpoints``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from enum import Enum
 from types import TracebackType
 from typing import Protocol
 
-from storage.errors import InvalidURIError, NotFoundError
+from keystate.storage.errors import InvalidURIError, NotFoundError
 
 __all__ = ["ObjectInfo", "ObjectReader", "ObjectStore", "ObjectWriter", "PutMode", "join_key", "validate_key"]
 
@@ -126,7 +126,7 @@ class ObjectStore(ABC):
 
     retries_transient_errors: bool = False
     """Whether the store already retries throttling, 5xx and connection errors itself (S3: botocore's
-    retry mode). Callers wrap stores that do not in :class:`storage.retry.RetryingObjectStore`."""
+    retry mode). Callers wrap stores that do not in :class:`keystate.storage.retry.RetryingObjectStore`."""
 
     @abstractmethod
     def describe(self, key: str = "") -> str:

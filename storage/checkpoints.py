@@ -23,9 +23,9 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from storage import validation
-from storage.base import ObjectStore, PutMode, join_key
-from storage.errors import (
+from keystate.storage import validation
+from keystate.storage.base import ObjectStore, PutMode, join_key
+from keystate.storage.errors import (
     AlreadyExistsError,
     BucketNotFoundError,
     CheckpointNotFoundError,
@@ -37,9 +37,9 @@ from storage.errors import (
     RequestOutcomeUnknownError,
     StorageError,
 )
-from storage.metadata import JOB_ID_PATTERN, CheckpointKind, CheckpointMetadata, HandleScope, StreamHandle
-from storage.statefile import BytesSource, StateFileReader, StoreSource
-from storage.streams import StateOutputStream, StreamOptions, state_file_name
+from keystate.storage.metadata import JOB_ID_PATTERN, CheckpointKind, CheckpointMetadata, HandleScope, StreamHandle
+from keystate.storage.statefile import BytesSource, StateFileReader, StoreSource
+from keystate.storage.streams import StateOutputStream, StreamOptions, state_file_name
 
 __all__ = [
     "METADATA_FILE",

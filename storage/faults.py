@@ -30,7 +30,7 @@ writer first (a half-written temp file on local disk), a ``write`` passes half i
     store.add(FaultRule(Fault.TIMEOUT_AFTER_WRITE, "close", key="*.ksf", probability=0.1))
 
 Every injected fault is recorded in :attr:`FaultyObjectStore.injected`. Transient faults are not
-retried here: wrap the faulty store in :class:`storage.retry.RetryingObjectStore` (the runtime does
+retried here: wrap the faulty store in :class:`keystate.storage.retry.RetryingObjectStore` (the runtime does
 that for stores that do not retry on their own) to see them retried.
 """
 
@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NoReturn
 
-from storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode
-from storage.errors import RequestOutcomeUnknownError, StorageUnavailableError
+from keystate.storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode
+from keystate.storage.errors import RequestOutcomeUnknownError, StorageUnavailableError
 
 __all__ = [
     "OPERATIONS",
@@ -101,7 +101,7 @@ class Fault(Enum):
 
 class RuleSchedule:
     """When a rule that matches a call fires: the part of a rule :class:`FaultRule` and
-    :class:`storage.s3faults.S3FaultRule` share. Subclasses are frozen dataclasses declaring these fields
+    :class:`keystate.storage.s3faults.S3FaultRule` share. Subclasses are frozen dataclasses declaring these fields
     (see :class:`FaultRule` for their meaning) and call :meth:`_check_schedule` from ``__post_init__``."""
 
     operations: str | AbstractSet[str]

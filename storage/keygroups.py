@@ -2,7 +2,7 @@
 
 These are pure functions of (max_parallelism, parallelism, index) and are shared by the checkpoint
 format (keyed handles carry a key-group range), the state backends and the restore logic. Mapping a
-*key* to its key group needs a hash and lives in ``statebackend.keygroups``.
+*key* to its key group needs a hash and lives in ``keystate.statebackend.keygroups``.
 
 Reference: Flink ``KeyGroupRangeAssignment`` (reference F1, F2).
 """

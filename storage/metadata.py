@@ -4,7 +4,7 @@ A checkpoint's metadata records the job topology at checkpoint time and, per ope
 ``fully_finished`` (FLIP-147: every subtask finished, no state at all) or per-subtask entries that are
 either a finished marker or the subtask's state handles. Invariants are checked here, on construction,
 so metadata built in code and metadata parsed from a file obey the same rules; the field-by-field
-parsing of the JSON lives in ``storage._metadata_v1``. ``docs/format.md`` is the normative spec.
+parsing of the JSON lives in ``keystate.storage._metadata_v1``. ``docs/format.md`` is the normative spec.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
-from storage.errors import MetadataError, TopologyError
-from storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
-from storage.statefile import FILE_HEADER, TRAILER, Compression
-from storage.topology import InputEdge, Topology, TopologyOperator, check_uid
-from storage.validation import safe_relative_path
+from keystate.storage.errors import MetadataError, TopologyError
+from keystate.storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
+from keystate.storage.statefile import FILE_HEADER, TRAILER, Compression
+from keystate.storage.topology import InputEdge, Topology, TopologyOperator, check_uid
+from keystate.storage.validation import safe_relative_path
 
 __all__ = [
     "CheckpointKind",
@@ -383,7 +383,7 @@ class CheckpointMetadata:
         return f"chk-{self.checkpoint_id}"
 
     def to_json_bytes(self) -> bytes:
-        from storage._metadata_versions import dump_metadata
+        from keystate.storage._metadata_versions import dump_metadata
 
         return dump_metadata(self)
 
@@ -396,6 +396,6 @@ class CheckpointMetadata:
             UnsupportedFormatVersionError: unknown or newer ``format_version``.
             UnsafePathError: a handle path is absolute or leaves its directory.
         """
-        from storage._metadata_versions import load_metadata
+        from keystate.storage._metadata_versions import load_metadata
 
         return load_metadata(data, where)

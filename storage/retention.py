@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from storage.checkpoints import CheckpointStorage, CompletedCheckpoint
-from storage.errors import KeystateError
-from storage.metadata import CheckpointKind, HandleScope
+from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
+from keystate.storage.errors import KeystateError
+from keystate.storage.metadata import CheckpointKind, HandleScope
 
 __all__ = ["CompletedCheckpointStore"]
 

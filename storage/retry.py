@@ -4,7 +4,7 @@ Where retries live:
 
 * **S3**: botocore's ``standard`` retry mode retries every request (``S3ObjectStore`` says so with
   ``retries_transient_errors = True``); nothing is added on top.
-* **Every other store** (local disk, memory, a :class:`~storage.faults.FaultyObjectStore`, your own):
+* **Every other store** (local disk, memory, a :class:`~keystate.storage.faults.FaultyObjectStore`, your own):
   :class:`RetryingObjectStore` retries ``StorageUnavailableError`` the way botocore does, with
   exponential backoff and jitter, ``RetryPolicy.max_attempts`` attempts in total. The runtime wraps
   its checkpoint store and the file sink's store in it (``CheckpointConfig.retry``).
@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode
-from storage.errors import (
+from keystate.storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode
+from keystate.storage.errors import (
     AlreadyExistsError,
     RequestOutcomeUnknownError,
     StorageError,

@@ -8,7 +8,7 @@ production — botocore's retry mode and backoff, response parsing, and keystate
     injector = S3FaultInjector([S3FaultRule(Fault.THROTTLE, "PutObject", key="*/_metadata", times=3)])
     injector.install(store.client)       # three 503 SlowDown answers, then the real server
 
-Faults (:class:`storage.faults.Fault`) as seen through S3:
+Faults (:class:`keystate.storage.faults.Fault`) as seen through S3:
 
 * ``THROTTLE``: HTTP 503 ``SlowDown``; ``INTERNAL_ERROR``: HTTP 500 ``InternalError`` (both retried
   by botocore; the request was not applied);
@@ -41,7 +41,7 @@ import botocore.exceptions
 from botocore.awsrequest import AWSResponse
 from botocore.httpsession import URLLib3Session
 
-from storage.faults import Fault, RuleCounter, RuleSchedule, kill_process
+from keystate.storage.faults import Fault, RuleCounter, RuleSchedule, kill_process
 
 __all__ = ["S3FaultInjector", "S3FaultRule", "injected_response", "s3_error_response"]
 

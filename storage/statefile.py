@@ -23,9 +23,9 @@ from typing import Protocol
 import xxhash
 import zstandard
 
-from storage._compression import BlockHelpers, zstd_compressor
-from storage.base import ObjectReader, ObjectStore
-from storage.errors import ChecksumMismatchError, StateFileError, UnsupportedStateFileVersionError
+from keystate.storage._compression import BlockHelpers, zstd_compressor
+from keystate.storage.base import ObjectReader, ObjectStore
+from keystate.storage.errors import ChecksumMismatchError, StateFileError, UnsupportedStateFileVersionError
 
 __all__ = [
     "BLOCK_HEADER",

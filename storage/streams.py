@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-from storage.base import ObjectStore, ObjectWriter, PutMode, join_key
-from storage.errors import StorageError
-from storage.metadata import HandleScope, StreamHandle
-from storage.statefile import DEFAULT_BLOCK_SIZE, Compression, StateFileWriter
+from keystate.storage.base import ObjectStore, ObjectWriter, PutMode, join_key
+from keystate.storage.errors import StorageError
+from keystate.storage.metadata import HandleScope, StreamHandle
+from keystate.storage.statefile import DEFAULT_BLOCK_SIZE, Compression, StateFileWriter
 
 __all__ = ["StateOutputStream", "StreamOptions", "state_file_name"]
 

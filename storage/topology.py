@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from storage.errors import TopologyError, UnsupportedFormatVersionError
-from storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, default_max_parallelism
-from storage.validation import check_keys, loads_strict, opt_int, req_int, req_list, req_str
+from keystate.storage.errors import TopologyError, UnsupportedFormatVersionError
+from keystate.storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, default_max_parallelism
+from keystate.storage.validation import check_keys, loads_strict, opt_int, req_int, req_list, req_str
 
 __all__ = ["UID_PATTERN", "InputEdge", "Partitioning", "Topology", "TopologyOperator"]
 

@@ -1,6 +1,6 @@
 """Storage locations: a local path, a ``file://`` URI or an ``s3://bucket/prefix`` URI.
 
-:func:`open_storage` turns a location into a :class:`~storage.checkpoints.CheckpointStorage`. The
+:func:`open_storage` turns a location into a :class:`~keystate.storage.checkpoints.CheckpointStorage`. The
 object store is rooted at the container (the filesystem root, the bucket) and the location's path
 becomes the storage *base*, so a checkpoint directory can always reach its job's ``shared/``
 directory, whatever level of the layout the location names.
@@ -13,12 +13,12 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from storage._local import LocalObjectStore
-from storage._s3 import S3ObjectStore
-from storage.base import ObjectStore, validate_key
-from storage.checkpoints import CheckpointStorage
-from storage.errors import InvalidURIError
-from storage.streams import StreamOptions
+from keystate.storage._local import LocalObjectStore
+from keystate.storage._s3 import S3ObjectStore
+from keystate.storage.base import ObjectStore, validate_key
+from keystate.storage.checkpoints import CheckpointStorage
+from keystate.storage.errors import InvalidURIError
+from keystate.storage.streams import StreamOptions
 
 __all__ = ["Location", "open_storage", "open_store", "parse_location"]
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn, TypeVar
 
-from storage.errors import MetadataError, UnsafePathError
+from keystate.storage.errors import MetadataError, UnsafePathError
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from storage.errors import KeystateError
-from storage.topology import Topology
-from tools.errors import UsageError
+from keystate.storage.errors import KeystateError
+from keystate.storage.topology import Topology
+from keystate.tools.errors import UsageError
 
 __all__ = ["console_main", "inspect_console_main", "inspect_main", "main"]
 
@@ -85,8 +85,8 @@ def _emit_json(doc: Any) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from tools.render import render_graph, render_operator, render_summary, render_verify
-    from tools.summary import inspect_checkpoint, verify_checkpoint
+    from keystate.tools.render import render_graph, render_operator, render_summary, render_verify
+    from keystate.tools.summary import inspect_checkpoint, verify_checkpoint
 
     if args.graph and args.json:
         raise UsageError("--graph and --json cannot be combined")
@@ -123,8 +123,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from tools.render import render_listing
-    from tools.summary import list_checkpoints, now_ms
+    from keystate.tools.render import render_listing
+    from keystate.tools.summary import list_checkpoints, now_ms
 
     rows = list_checkpoints(args.root, endpoint_url=args.endpoint_url)
     now = now_ms()
@@ -136,8 +136,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
-    from tools.dump import dump_state
-    from tools.summary import load_location
+    from keystate.tools.dump import dump_state
+    from keystate.tools.summary import load_location
 
     checkpoint = load_location(args.location, endpoint_url=args.endpoint_url)
     for record in dump_state(
@@ -205,9 +205,9 @@ def _read_topology(args: argparse.Namespace) -> Topology:
 
 
 def _cmd_check_restore(args: argparse.Namespace) -> int:
-    from runtime.restore_rules import check_restore
-    from tools.render import render_report
-    from tools.summary import load_location
+    from keystate.runtime.restore_rules import check_restore
+    from keystate.tools.render import render_report
+    from keystate.tools.summary import load_location
 
     checkpoint = load_location(args.location, endpoint_url=args.endpoint_url)
     topology = _read_topology(args)
@@ -235,7 +235,7 @@ def _cmd_topology(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from runtime.demo import run_demo
+    from keystate.runtime.demo import run_demo
 
     if args.duration is not None and args.duration <= 0:
         raise UsageError(f"--duration must be positive, found {args.duration}")

@@ -12,13 +12,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from statebackend.inspection import read_keyed_entries, read_operator_elements, snapshot_meta
-from statebackend.serializers import PickleSerializer, Serializer, safe_serializer
-from statebackend.state import StateKind
-from storage.checkpoints import CompletedCheckpoint
-from storage.errors import KeystateError
-from storage.keygroups import KeyGroupRange
-from tools.errors import UsageError
+from keystate.statebackend.inspection import read_keyed_entries, read_operator_elements, snapshot_meta
+from keystate.statebackend.serializers import PickleSerializer, Serializer, safe_serializer
+from keystate.statebackend.state import StateKind
+from keystate.storage.checkpoints import CompletedCheckpoint
+from keystate.storage.errors import KeystateError
+from keystate.storage.keygroups import KeyGroupRange
+from keystate.tools.errors import UsageError
 
 __all__ = ["decode_value", "dump_state"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage.errors import KeystateError
+from keystate.storage.errors import KeystateError
 
 __all__ = ["UsageError"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 
-from runtime.restore_rules import RestoreReport
-from storage.metadata import OperatorStatus
-from tools.summary import CheckpointListing, CheckpointSummary, VerifyReport
+from keystate.runtime.restore_rules import RestoreReport
+from keystate.storage.metadata import OperatorStatus
+from keystate.tools.summary import CheckpointListing, CheckpointSummary, VerifyReport
 
 __all__ = [
     "human_bytes",

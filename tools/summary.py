@@ -1,6 +1,6 @@
 """What ``keystate inspect`` and ``keystate list`` compute: summaries of checkpoints, and verification.
 
-These functions return data; ``tools.render`` turns it into tables, JSON or graphs.
+These functions return data; ``keystate.tools.render`` turns it into tables, JSON or graphs.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.checkpoints import CheckpointStorage, CompletedCheckpoint
-from storage.errors import KeystateError
-from storage.keygroups import KeyGroupRange
-from storage.metadata import OperatorState, OperatorStatus, StreamHandle
-from storage.uri import open_storage
+from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
+from keystate.storage.errors import KeystateError
+from keystate.storage.keygroups import KeyGroupRange
+from keystate.storage.metadata import OperatorState, OperatorStatus, StreamHandle
+from keystate.storage.uri import open_storage
 
 __all__ = [
     "CheckpointListing",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.cli import run as cli_run
+from keystate.tools.cli import run as cli_run
 
 __all__ = ["CliRun", "check_cli_run", "run_cli"]
 

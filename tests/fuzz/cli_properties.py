@@ -15,8 +15,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-import storage.validation
-from storage.checkpoints import METADATA_FILE
+from keystate.storage import validation
+from keystate.storage.checkpoints import METADATA_FILE
 from tests.fuzz import samples
 from tests.fuzz.cli_harness import check_cli_run, run_cli
 from tests.fuzz.document_properties import topology_mutated
@@ -146,12 +146,12 @@ def document_limit(limit: int | None) -> Iterator[None]:
     if limit is None:
         yield
         return
-    saved = storage.validation.MAX_DOCUMENT_BYTES
-    storage.validation.MAX_DOCUMENT_BYTES = limit
+    saved = validation.MAX_DOCUMENT_BYTES
+    validation.MAX_DOCUMENT_BYTES = limit
     try:
         yield
     finally:
-        storage.validation.MAX_DOCUMENT_BYTES = saved
+        validation.MAX_DOCUMENT_BYTES = saved
 
 
 def check_cli(ctx: FuzzContext, ex: CliExample) -> None:

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 from hypothesis import strategies as st
 
-from runtime.restore_rules import check_restore
-from storage import (
+from keystate.runtime.restore_rules import check_restore
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointStorage,
@@ -24,7 +24,9 @@ from storage import (
     Topology,
     TopologyError,
 )
-from storage.base import join_key, validate_key
+from keystate.storage.base import join_key, validate_key
+from keystate.tools.render import render_graph, render_operator, render_report, render_summary
+from keystate.tools.summary import summarize
 from tests.fuzz import samples
 from tests.fuzz.harness import FuzzContext
 from tests.fuzz.strategies import (
@@ -35,8 +37,6 @@ from tests.fuzz.strategies import (
     mutated_bytes,
     mutated_document,
 )
-from tools.render import render_graph, render_operator, render_report, render_summary
-from tools.summary import summarize
 
 __all__ = [
     "TOPOLOGY_WHERE",

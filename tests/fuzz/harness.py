@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from storage import CheckpointStorage, LocalObjectStore
-from storage.errors import KeystateError
+from keystate.storage import CheckpointStorage, LocalObjectStore
+from keystate.storage.errors import KeystateError
 from tests.fuzz import samples
 
 __all__ = [

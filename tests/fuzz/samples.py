@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from statebackend import (
+from keystate.statebackend import (
     HeapKeyedStateBackend,
     IntSerializer,
     JsonSerializer,
@@ -27,9 +27,9 @@ from statebackend import (
     TtlConfig,
     ValueStateDescriptor,
 )
-from statebackend.keyed import KVKeyedStateBackend
-from statebackend.operator_state import OperatorStateBackend
-from storage import (
+from keystate.statebackend.keyed import KVKeyedStateBackend
+from keystate.statebackend.operator_state import OperatorStateBackend
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointStorage,
@@ -43,8 +43,15 @@ from storage import (
     SubtaskState,
     open_storage,
 )
-from storage.checkpoints import METADATA_FILE
-from storage.statefile import BLOCK_HEADER, END_MARKER, FILE_HEADER, Compression, StateFileSummary, StateFileWriter
+from keystate.storage.checkpoints import METADATA_FILE
+from keystate.storage.statefile import (
+    BLOCK_HEADER,
+    END_MARKER,
+    FILE_HEADER,
+    Compression,
+    StateFileSummary,
+    StateFileWriter,
+)
 
 __all__ = [
     "CLI_JOB_ID",

@@ -1,5 +1,5 @@
 """Properties of (c) keyed snapshot payloads: a real LMDB snapshot, re-encoded with damage, restored into
-a fresh backend and read through ``statebackend.inspection.read_keyed_entries``. Either consistently, or
+a fresh backend and read through ``keystate.statebackend.inspection.read_keyed_entries``. Either consistently, or
 with a typed error; the intact snapshot restores exactly what was written."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import xxhash
 from hypothesis import strategies as st
 
-from statebackend import (
+from keystate.statebackend import (
     ListState,
     ListStateDescriptor,
     MapState,
@@ -24,10 +24,10 @@ from statebackend import (
     ValueStateDescriptor,
     safe_serializer,
 )
-from statebackend._snapshot import KeyedSnapshotReader
-from statebackend.inspection import read_keyed_entries
-from statebackend.keyed import KVKeyedStateBackend
-from storage import (
+from keystate.statebackend._snapshot import KeyedSnapshotReader
+from keystate.statebackend.inspection import read_keyed_entries
+from keystate.statebackend.keyed import KVKeyedStateBackend
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     HandleScope,
@@ -38,8 +38,8 @@ from storage import (
     StreamHandle,
     SubtaskState,
 )
-from storage.base import join_key
-from storage.statefile import Compression, StateFileSummary, StateFileWriter, format_checksum
+from keystate.storage.base import join_key
+from keystate.storage.statefile import Compression, StateFileSummary, StateFileWriter, format_checksum
 from tests.fuzz import samples
 from tests.fuzz.cli_harness import check_cli_run, run_cli
 from tests.fuzz.harness import FuzzContext, attempt_typed

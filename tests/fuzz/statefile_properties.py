@@ -10,9 +10,9 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from storage import LocalObjectStore
-from storage.errors import StateFileError
-from storage.statefile import (
+from keystate.storage import LocalObjectStore
+from keystate.storage.errors import StateFileError
+from keystate.storage.statefile import (
     FILE_HEADER,
     MAGIC,
     BytesSource,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import storage.validation
+from keystate.storage import validation
 from tests.fuzz.cli_harness import check_cli_run, run_cli
 from tests.fuzz.harness import FuzzContext, Property, run_property
 from tests.fuzz.properties import PROPERTIES
@@ -53,7 +53,7 @@ def test_a_300_mb_sparse_metadata_is_refused_without_reading_it(root: Path, monk
     """Regression: ``CheckpointStorage.load`` bound the read to the limit imported at start-up, not the
     configured one, so a lowered limit still read 256 MiB of a huge ``_metadata`` before refusing it."""
     limit = 1 << 20
-    monkeypatch.setattr(storage.validation, "MAX_DOCUMENT_BYTES", limit)
+    monkeypatch.setattr(validation, "MAX_DOCUMENT_BYTES", limit)
     with open(root / CHECKPOINT / "_metadata", "r+b") as f:
         f.truncate(300 << 20)  # sparse: nothing is written
     for command in (("inspect",), ("verify", "--json"), ("dump", "--operator", "totals")):

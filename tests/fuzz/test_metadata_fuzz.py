@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from storage import CheckpointMetadata, MetadataError, OperatorStateEntry
-from storage.metadata import DistributionMode
+from keystate.storage import CheckpointMetadata, MetadataError, OperatorStateEntry
+from keystate.storage.metadata import DistributionMode
 from tests.fuzz.document_properties import WHERE, check_metadata_bytes
 from tests.fuzz.harness import FuzzContext, Property, run_property
 from tests.fuzz.properties import PROPERTIES

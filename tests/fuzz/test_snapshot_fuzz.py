@@ -1,5 +1,5 @@
 """(c) Keyed snapshot payloads: a real LMDB snapshot, re-encoded with damage, restored into a fresh backend
-and read through ``statebackend.inspection.read_keyed_entries``."""
+and read through ``keystate.statebackend.inspection.read_keyed_entries``."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import struct
 
 import pytest
 
-from statebackend import KeySerializer
+from keystate.statebackend import KeySerializer
+from keystate.tools.dump import decode_value
 from tests.fuzz.cli_harness import run_cli
 from tests.fuzz.harness import FuzzContext, Property, run_property
 from tests.fuzz.properties import PROPERTIES
 from tests.fuzz.snapshot_properties import check_snapshot, inject_entry, replace_meta, snapshot_checkpoint
-from tools.dump import decode_value
 
 
 @pytest.mark.parametrize("prop", [p for p in PROPERTIES if p.target == "snapshot"], ids=lambda p: p.name)

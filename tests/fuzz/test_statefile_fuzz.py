@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from storage import LocalObjectStore, StateFileError
-from storage.statefile import (
+from keystate.storage import LocalObjectStore, StateFileError
+from keystate.storage.statefile import (
     BLOCK_HEADER,
     FILE_HEADER,
     MAGIC,

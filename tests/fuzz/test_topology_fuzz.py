@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage import Topology
+from keystate.storage import Topology
 from tests.fuzz.document_properties import TOPOLOGY_WHERE, check_topology_bytes
 from tests.fuzz.harness import FuzzContext, Property, run_property
 from tests.fuzz.properties import PROPERTIES

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from storage import InvalidURIError
-from storage.uri import parse_location
+from keystate.storage import InvalidURIError
+from keystate.storage.uri import parse_location
 from tests.fuzz.harness import FuzzContext, Property, run_property
 from tests.fuzz.properties import PROPERTIES
 from tests.fuzz.uri_properties import check_location

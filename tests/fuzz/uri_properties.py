@@ -7,9 +7,9 @@ import os
 
 from hypothesis import strategies as st
 
-from storage import InvalidURIError
-from storage.base import validate_key
-from storage.uri import Location, parse_location
+from keystate.storage import InvalidURIError
+from keystate.storage.base import validate_key
+from keystate.storage.uri import Location, parse_location
 from tests.fuzz.harness import FuzzContext
 from tests.fuzz.strategies import hostile_strings
 

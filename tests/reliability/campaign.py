@@ -2,7 +2,7 @@
 
 One campaign (:func:`run_campaign`) is a sequence of child processes on one storage root and one sink
 location. Each child restores from the latest completed checkpoint or savepoint and is SIGKILLed at a
-random time after it is ready, or dies at an armed kill point (``runtime.faults`` points and the
+random time after it is ready, or dies at an armed kill point (``keystate.runtime.faults`` points and the
 storage points of ``job_child.STORAGE_POINTS``); the last child runs until the job completes. After
 every child the campaign checks that every completed checkpoint and savepoint loads and every state
 handle verifies, that discovery lists exactly the directories with ``_metadata``, that the next child
@@ -29,9 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime import faults
-from statebackend.inspection import read_operator_elements
-from storage import CheckpointKind, CompletedCheckpoint, KeystateError, open_storage, open_store, parse_location
+from keystate.runtime import faults
+from keystate.statebackend.inspection import read_operator_elements
+from keystate.storage import (
+    CheckpointKind,
+    CompletedCheckpoint,
+    KeystateError,
+    open_storage,
+    open_store,
+    parse_location,
+)
 from tests.reliability import job_child
 
 REPO = Path(__file__).resolve().parents[2]

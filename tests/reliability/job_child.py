@@ -23,9 +23,9 @@ that savepoint holds). It checkpoints every 50 ms and prints, flushing each line
 ``restored <id> <kind> <location>`` (or ``fresh``), ``armed <point>``, ``kill <point>`` right
 before an armed kill, and at the end ``finished`` or ``savepoint <location>``.
 
-Kill points (``--kill``, the ``--nth`` hit): every :data:`runtime.faults.POINTS` name, and the
-storage points of :data:`STORAGE_POINTS` (a ``CRASH`` rule of ``storage.faults`` or, on S3,
-``storage.s3faults``).
+Kill points (``--kill``, the ``--nth`` hit): every :data:`keystate.runtime.faults.POINTS` name, and the
+storage points of :data:`STORAGE_POINTS` (a ``CRASH`` rule of ``keystate.storage.faults`` or, on S3,
+``keystate.storage.s3faults``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from runtime import (
+from keystate.runtime import (
     CheckpointConfig,
     JobConfig,
     JobGraph,
@@ -49,13 +49,13 @@ from runtime import (
     faults,
     submit,
 )
-from runtime.sources import GeneratorSource
-from statebackend.serializers import BytesSerializer
-from statebackend.state import ListStateDescriptor
-from storage import CheckpointKind, ObjectStore, PutMode, S3ObjectStore, open_storage
-from storage.faults import Fault, FaultRule, FaultyObjectStore
-from storage.retry import RetryPolicy
-from storage.s3faults import S3FaultInjector, S3FaultRule
+from keystate.runtime.sources import GeneratorSource
+from keystate.statebackend.serializers import BytesSerializer
+from keystate.statebackend.state import ListStateDescriptor
+from keystate.storage import CheckpointKind, ObjectStore, PutMode, S3ObjectStore, open_storage
+from keystate.storage.faults import Fault, FaultRule, FaultyObjectStore
+from keystate.storage.retry import RetryPolicy
+from keystate.storage.s3faults import S3FaultInjector, S3FaultRule
 from tests.runtime.e2e_support import RunningCount
 
 JOB_ID = "feedfacefeedfacefeedfacefeedface"

@@ -23,12 +23,20 @@ from typing import Any
 import pytest
 from botocore.retries.standard import ExponentialBackoff
 
-from runtime import CheckpointFailureReason, JobGraph, JobResult, JobStatus, TransactionalFileSink, faults, submit
-from runtime.config import CheckpointConfig, JobConfig, RestartStrategy
-from runtime.coordinator import CheckpointCoordinator, SubtaskSnapshot
-from runtime.events import CheckpointOptions
-from runtime.plan import SubtaskId, SubtaskStatus
-from storage import (
+from keystate.runtime import (
+    CheckpointFailureReason,
+    JobGraph,
+    JobResult,
+    JobStatus,
+    TransactionalFileSink,
+    faults,
+    submit,
+)
+from keystate.runtime.config import CheckpointConfig, JobConfig, RestartStrategy
+from keystate.runtime.coordinator import CheckpointCoordinator, SubtaskSnapshot
+from keystate.runtime.events import CheckpointOptions
+from keystate.runtime.plan import SubtaskId, SubtaskStatus
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     CompletedCheckpoint,
@@ -42,10 +50,10 @@ from storage import (
     SubtaskState,
     open_storage,
 )
-from storage.faults import Fault, FaultRule, FaultyObjectStore
-from storage.retry import RetryPolicy
-from storage.s3faults import S3FaultInjector, S3FaultRule
-from storage.topology import Topology, TopologyOperator
+from keystate.storage.faults import Fault, FaultRule, FaultyObjectStore
+from keystate.storage.retry import RetryPolicy
+from keystate.storage.s3faults import S3FaultInjector, S3FaultRule
+from keystate.storage.topology import Topology, TopologyOperator
 from tests.runtime.e2e_support import (
     Completed,
     Flag,

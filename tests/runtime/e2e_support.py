@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runtime import (
+from keystate.runtime import (
     CheckpointConfig,
     CheckpointFailureReason,
     JobClient,
@@ -29,11 +29,11 @@ from runtime import (
     TransactionalFileSink,
     Watermark,
 )
-from runtime.sources import SequenceSource
-from statebackend.serializers import IntSerializer
-from statebackend.state import ValueState, ValueStateDescriptor
-from storage.checkpoints import CompletedCheckpoint
-from storage.metadata import OperatorStatus
+from keystate.runtime.sources import SequenceSource
+from keystate.statebackend.serializers import IntSerializer
+from keystate.statebackend.state import ValueState, ValueStateDescriptor
+from keystate.storage.checkpoints import CompletedCheckpoint
+from keystate.storage.metadata import OperatorStatus
 
 T = TypeVar("T")
 

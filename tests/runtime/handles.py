@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from storage.keygroups import KeyGroupRange
-from storage.metadata import (
+from keystate.storage.keygroups import KeyGroupRange
+from keystate.storage.metadata import (
     DistributionMode,
     HandleScope,
     KeyedStateHandle,
@@ -11,7 +11,7 @@ from storage.metadata import (
     OperatorStateHandle,
     StreamHandle,
 )
-from storage.statefile import Compression, StateFileWriter
+from keystate.storage.statefile import Compression, StateFileWriter
 
 JOB_ID = "ab" * 16
 ELEMENT = 4

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from runtime.assignment import assign_state, effective_topology
-from runtime.plan import SubtaskId
-from runtime.restore_rules import check_restore
-from runtime.task import TaskRestore
-from statebackend.repartition import repartition_operator_state
-from storage.checkpoints import CompletedCheckpoint
-from storage.keygroups import KeyGroupRange, default_max_parallelism, key_group_range_for_subtask
-from storage.metadata import (
+from keystate.runtime.assignment import assign_state, effective_topology
+from keystate.runtime.plan import SubtaskId
+from keystate.runtime.restore_rules import check_restore
+from keystate.runtime.task import TaskRestore
+from keystate.statebackend.repartition import repartition_operator_state
+from keystate.storage.checkpoints import CompletedCheckpoint
+from keystate.storage.keygroups import KeyGroupRange, default_max_parallelism, key_group_range_for_subtask
+from keystate.storage.metadata import (
     CheckpointKind,
     CheckpointMetadata,
     DistributionMode,
@@ -25,8 +25,8 @@ from storage.metadata import (
     OperatorStateHandle,
     SubtaskState,
 )
-from storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
-from storage.uri import open_storage
+from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from keystate.storage.uri import open_storage
 from tests.runtime.handles import JOB_ID, keyed_handle, operator_handle
 
 SPLIT, UNION, BROADCAST = DistributionMode.SPLIT, DistributionMode.UNION, DistributionMode.BROADCAST

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from runtime import JobGraph, JobStatus, KeyedProcessOperator, Operator, submit
-from storage.checkpoints import CompletedCheckpoint
+from keystate.runtime import JobGraph, JobStatus, KeyedProcessOperator, Operator, submit
+from keystate.storage.checkpoints import CompletedCheckpoint
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,

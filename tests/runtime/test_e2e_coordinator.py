@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from runtime import CheckpointFailureReason, JobGraph, JobStatus, Operator, load_checkpoint, submit
-from storage.checkpoints import CheckpointWriter, CompletedCheckpoint
-from storage.errors import StorageError
-from storage.metadata import CheckpointMetadata, HandleScope
-from storage.streams import StateOutputStream
+from keystate.runtime import CheckpointFailureReason, JobGraph, JobStatus, Operator, load_checkpoint, submit
+from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
+from keystate.storage.errors import StorageError
+from keystate.storage.metadata import CheckpointMetadata, HandleScope
+from keystate.storage.streams import StateOutputStream
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,

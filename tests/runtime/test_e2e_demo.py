@@ -6,8 +6,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from runtime.demo import _order, run_demo
-from storage.metadata import CheckpointKind, OperatorStatus
+from keystate.runtime.demo import _order, run_demo
+from keystate.storage.metadata import CheckpointKind, OperatorStatus
 from tests.runtime.e2e_support import run
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from runtime import MAX_WATERMARK, JobGraph, JobStatus, submit
-from storage.checkpoints import CompletedCheckpoint
-from storage.metadata import OperatorStatus
+from keystate.runtime import MAX_WATERMARK, JobGraph, JobStatus, submit
+from keystate.storage.checkpoints import CompletedCheckpoint
+from keystate.storage.metadata import OperatorStatus
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,

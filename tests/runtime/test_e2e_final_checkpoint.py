@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from runtime import JobGraph, JobStatus, SequenceSource, run_job
-from storage.checkpoints import CheckpointWriter, CompletedCheckpoint
-from storage.errors import StorageError
-from storage.metadata import CheckpointMetadata
+from keystate.runtime import JobGraph, JobStatus, SequenceSource, run_job
+from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
+from keystate.storage.errors import StorageError
+from keystate.storage.metadata import CheckpointMetadata
 from tests.runtime.e2e_support import (
     BACKENDS,
     EventLog,

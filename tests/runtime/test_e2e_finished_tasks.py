@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from runtime import (
+from keystate.runtime import (
     CheckpointFailedError,
     CheckpointFailureReason,
     JobGraph,
@@ -26,10 +26,10 @@ from runtime import (
     load_checkpoint,
     submit,
 )
-from statebackend.serializers import IntSerializer
-from statebackend.state import ListStateDescriptor
-from storage.checkpoints import CompletedCheckpoint
-from storage.metadata import OperatorStatus
+from keystate.statebackend.serializers import IntSerializer
+from keystate.statebackend.state import ListStateDescriptor
+from keystate.storage.checkpoints import CompletedCheckpoint
+from keystate.storage.metadata import OperatorStatus
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,
@@ -152,7 +152,7 @@ def test_feature_off_fails_checkpoints_once_a_task_finished(tmp_path: Path, capl
     # testCheckpointAbortsIfTriggerTasksAreFinished, end to end: with checkpoints_after_tasks_finish off,
     # the finished subtask does not wait, and every later checkpoint (and stop-with-savepoint) is refused
     # with NOT_ALL_REQUIRED_TASKS_RUNNING, which is not counted: the job keeps running.
-    caplog.set_level(logging.INFO, logger="runtime.coordinator")
+    caplog.set_level(logging.INFO, logger="keystate.runtime.coordinator")
     out = tmp_path / "out"
     refusal = "Some tasks of the job have already finished and checkpointing with finished tasks is not enabled."
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import MAX_WATERMARK, JobGraph, JobStatus, SequenceSource, run_job, submit
+from keystate.runtime import MAX_WATERMARK, JobGraph, JobStatus, SequenceSource, run_job, submit
 from tests.runtime.e2e_support import (
     BACKENDS,
     EventLog,

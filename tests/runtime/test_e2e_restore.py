@@ -14,17 +14,17 @@ from typing import Any
 
 import pytest
 
-from runtime import (
+from keystate.runtime import (
     IncompatibleRestoreError,
     JobGraph,
     JobStatus,
     Operator,
     submit,
 )
-from statebackend.serializers import IntSerializer
-from statebackend.state import ValueStateDescriptor
-from storage.checkpoints import CompletedCheckpoint
-from storage.metadata import OperatorStatus
+from keystate.statebackend.serializers import IntSerializer
+from keystate.statebackend.state import ValueStateDescriptor
+from keystate.storage.checkpoints import CompletedCheckpoint
+from keystate.storage.metadata import OperatorStatus
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,

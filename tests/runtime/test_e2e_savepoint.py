@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from runtime import MAX_WATERMARK, JobGraph, JobResult, JobStatus, StopWithSavepointError, submit
-from storage.checkpoints import CheckpointWriter, CompletedCheckpoint
-from storage.errors import StorageError
-from storage.metadata import CheckpointKind, CheckpointMetadata, OperatorStatus
+from keystate.runtime import MAX_WATERMARK, JobGraph, JobResult, JobStatus, StopWithSavepointError, submit
+from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
+from keystate.storage.errors import StorageError
+from keystate.storage.metadata import CheckpointKind, CheckpointMetadata, OperatorStatus
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,

@@ -1,4 +1,5 @@
-"""The fault-point registry (``runtime.faults``): arming, n-th hit, filters, actions, and every point is reached."""
+"""The fault-point registry (``keystate.runtime.faults``): arming, n-th hit, filters, actions, and every point
+is reached."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from runtime import JobGraph, JobStatus, SequenceSource, faults, submit
+from keystate.runtime import JobGraph, JobStatus, SequenceSource, faults, submit
 from tests.runtime.e2e_support import (
     EventLog,
     RecordingFileSink,

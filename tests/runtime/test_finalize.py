@@ -10,14 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from runtime.checkpoint_protocol import CheckpointFailureReason, PartialFinishingNotSupportedError, SubtaskSnapshot
-from runtime.config import CheckpointConfig
-from runtime.coordinator import CheckpointCoordinator, _Pending
-from runtime.errors import CheckpointFailedError
-from runtime.events import CheckpointOptions
-from runtime.plan import SubtaskId, SubtaskStatus, calculate_plan
-from storage.checkpoints import CheckpointStorage, CompletedCheckpoint
-from storage.metadata import (
+from keystate.runtime.checkpoint_protocol import (
+    CheckpointFailureReason,
+    PartialFinishingNotSupportedError,
+    SubtaskSnapshot,
+)
+from keystate.runtime.config import CheckpointConfig
+from keystate.runtime.coordinator import CheckpointCoordinator, _Pending
+from keystate.runtime.errors import CheckpointFailedError
+from keystate.runtime.events import CheckpointOptions
+from keystate.runtime.plan import SubtaskId, SubtaskStatus, calculate_plan
+from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
+from keystate.storage.metadata import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointProperties,
@@ -26,8 +30,8 @@ from storage.metadata import (
     OperatorStatus,
     SubtaskState,
 )
-from storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
-from storage.uri import open_storage
+from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from keystate.storage.uri import open_storage
 from tests.runtime.handles import JOB_ID, keyed_handle, operator_handle
 
 CHECKPOINT_ID = 3

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.plan import (
+from keystate.runtime.plan import (
     CheckpointPlan,
     PlanRejectedError,
     SubtaskId,
@@ -22,7 +22,7 @@ from runtime.plan import (
     pointwise_sources,
     pointwise_targets,
 )
-from storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
 
 A2A = [Partitioning.HASH, Partitioning.REBALANCE, Partitioning.BROADCAST]
 EQUAL_PW = [Partitioning.FORWARD, Partitioning.RESCALE]

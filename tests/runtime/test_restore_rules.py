@@ -15,8 +15,8 @@ from typing import Literal
 
 import pytest
 
-from runtime.restore_rules import RULES, RestoreReport, Violation, check_restore
-from storage.metadata import (
+from keystate.runtime.restore_rules import RULES, RestoreReport, Violation, check_restore
+from keystate.storage.metadata import (
     CheckpointKind,
     CheckpointMetadata,
     DistributionMode,
@@ -24,7 +24,7 @@ from storage.metadata import (
     OperatorStatus,
     SubtaskState,
 )
-from storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
 from tests.runtime.handles import JOB_ID, keyed_handle, operator_handle
 
 CHECKPOINT_ID = 7

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from statebackend import KVKeyedStateBackend, Serializer
-from storage import CheckpointStorage, KeyGroupRange
+from keystate.statebackend import KVKeyedStateBackend, Serializer
+from keystate.storage import CheckpointStorage, KeyGroupRange
 from tests.statebackend.support import BACKENDS, FULL, BackendFactory, ManualClock, make_backend, storage_at
 
 

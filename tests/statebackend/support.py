@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from statebackend import (
+from keystate.statebackend import (
     HeapKeyedStateBackend,
     KeySerializer,
     KVKeyedStateBackend,
@@ -15,8 +15,8 @@ from statebackend import (
     Serializer,
     assign_key_group,
 )
-from statebackend.state import KeyedSnapshot
-from storage import (
+from keystate.statebackend.state import KeyedSnapshot
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointStorage,

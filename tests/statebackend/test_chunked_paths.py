@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from statebackend import (
+from keystate.statebackend import (
     BytesSerializer,
     IntSerializer,
     KeyGroupRange,
@@ -18,11 +18,11 @@ from statebackend import (
     StateError,
     ValueStateDescriptor,
 )
-from statebackend._heap import HeapKV
-from statebackend._kv import KVSnapshot, KVStore
-from statebackend._lmdb import LmdbKV
-from statebackend._snapshot import _parse_uniform, _parse_variable
-from storage import CheckpointStorage, LocalObjectStore, StreamOptions
+from keystate.statebackend._heap import HeapKV
+from keystate.statebackend._kv import KVSnapshot, KVStore
+from keystate.statebackend._lmdb import LmdbKV
+from keystate.statebackend._snapshot import _parse_uniform, _parse_variable
+from keystate.storage import CheckpointStorage, LocalObjectStore, StreamOptions
 from tests.statebackend.support import BackendFactory, checkpoint_backends, kv_contents, make_backend
 from tests.statebackend.test_restore_errors import INT, craft, entry_key, restore_error, sample_entries, valid_meta
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from statebackend import (
+from keystate.statebackend import (
     BytesSerializer,
     IntSerializer,
     KVKeyedStateBackend,
@@ -17,7 +17,7 @@ from statebackend import (
     TtlConfig,
     ValueStateDescriptor,
 )
-from statebackend._lmdb import LmdbKV
+from keystate.statebackend._lmdb import LmdbKV
 from tests.statebackend.support import BackendFactory
 
 COUNT = ValueStateDescriptor[int](name="count", serializer=IntSerializer())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from statebackend import (
+from keystate.statebackend import (
     AggregatingStateDescriptor,
     IntSerializer,
     JsonSerializer,
@@ -19,7 +19,7 @@ from statebackend import (
     TtlConfig,
     ValueStateDescriptor,
 )
-from storage import KeyGroupRange
+from keystate.storage import KeyGroupRange
 from tests.statebackend.support import BackendFactory, key_group_of
 
 COUNT = ValueStateDescriptor[int](name="count", serializer=IntSerializer(), default=0)

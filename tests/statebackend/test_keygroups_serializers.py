@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from statebackend import (
+from keystate.statebackend import (
     KEY_GROUP_HASH,
     BytesSerializer,
     FloatSerializer,
@@ -31,7 +31,7 @@ from statebackend import (
     operator_index_for_key_group,
     safe_serializer,
 )
-from storage import KeyGroupRange
+from keystate.storage import KeyGroupRange
 
 KEYS = KeySerializer()
 REPO = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ def test_key_groups_are_pinned() -> None:
 def test_key_groups_are_the_same_in_another_process() -> None:
     script = (
         "import json\n"
-        "from statebackend import KeySerializer, assign_key_group\n"
+        "from keystate.statebackend import KeySerializer, assign_key_group\n"
         "from tests.statebackend.test_keygroups_serializers import SAMPLE_KEYS\n"
         "s = KeySerializer()\n"
         "print(json.dumps([[assign_key_group(s.serialize(k), m) for m in (128, 32768)] for k in SAMPLE_KEYS]))\n"

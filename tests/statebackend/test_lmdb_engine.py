@@ -10,7 +10,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from statebackend import (
+from keystate.statebackend import (
     BytesSerializer,
     HeapStateBackend,
     IntSerializer,
@@ -24,9 +24,9 @@ from statebackend import (
     ValueStateDescriptor,
     state_backend,
 )
-from statebackend._kv import KVSnapshot
-from statebackend._lmdb import LmdbKV
-from storage import CheckpointStorage
+from keystate.statebackend._kv import KVSnapshot
+from keystate.statebackend._lmdb import LmdbKV
+from keystate.storage import CheckpointStorage
 from tests.statebackend.support import JOB_ID, make_backend, write_keyed
 
 

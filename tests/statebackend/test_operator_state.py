@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from statebackend import (
+from keystate.statebackend import (
     IntSerializer,
     JsonSerializer,
     ListStateDescriptor,
@@ -14,7 +14,7 @@ from statebackend import (
     StateRestoreError,
     StrSerializer,
 )
-from storage import CheckpointStorage, DistributionMode, OperatorStateHandle, PutMode
+from keystate.storage import CheckpointStorage, DistributionMode, OperatorStateHandle, PutMode
 from tests.statebackend.support import write_operator
 
 OFFSETS = ListStateDescriptor[int](name="offsets", serializer=IntSerializer())

@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from statebackend import (
+from keystate.statebackend import (
     IntSerializer,
     KVKeyedStateBackend,
     ListState,
@@ -23,8 +23,8 @@ from statebackend import (
     key_group_range_for_subtask,
     operator_index_for_key_group,
 )
-from statebackend.state import KeyedSnapshot
-from storage import CheckpointStorage, MemoryObjectStore, StreamOptions
+from keystate.statebackend.state import KeyedSnapshot
+from keystate.storage import CheckpointStorage, MemoryObjectStore, StreamOptions
 from tests.statebackend.support import BACKENDS, key_group_of, make_backend, write_keyed
 
 VALUE = ValueStateDescriptor[int](name="v", serializer=IntSerializer())

@@ -8,8 +8,14 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from statebackend import ListState, ListStateDescriptor, OperatorStateBackend, StrSerializer, repartition_operator_state
-from storage import CheckpointStorage, CompletedCheckpoint, DistributionMode, OperatorStateHandle
+from keystate.statebackend import (
+    ListState,
+    ListStateDescriptor,
+    OperatorStateBackend,
+    StrSerializer,
+    repartition_operator_state,
+)
+from keystate.storage import CheckpointStorage, CompletedCheckpoint, DistributionMode, OperatorStateHandle
 from tests.statebackend.support import write_operator
 
 SPLIT, UNION, BROADCAST = DistributionMode.SPLIT, DistributionMode.UNION, DistributionMode.BROADCAST

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from statebackend import (
+from keystate.statebackend import (
     BytesSerializer,
     IntSerializer,
     KeyGroupOutOfRangeError,
@@ -19,7 +19,7 @@ from statebackend import (
     key_group_range_for_subtask,
     operator_index_for_key_group,
 )
-from storage import CheckpointStorage, CompletedCheckpoint, KeyedStateHandle, KeyGroupRange
+from keystate.storage import CheckpointStorage, CompletedCheckpoint, KeyedStateHandle, KeyGroupRange
 from tests.statebackend.support import (
     BackendFactory,
     CountingStore,

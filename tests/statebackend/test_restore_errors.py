@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from statebackend import (
+from keystate.statebackend import (
     IntSerializer,
     KVKeyedStateBackend,
     StateMigrationError,
     StateRestoreError,
     ValueStateDescriptor,
 )
-from storage import (
+from keystate.storage import (
     CheckpointStorage,
     ChecksumMismatchError,
     CompletedCheckpoint,
@@ -28,7 +28,7 @@ from storage import (
     StateFileError,
     StreamOptions,
 )
-from storage.statefile import BLOCK_HEADER, TRAILER
+from keystate.storage.statefile import BLOCK_HEADER, TRAILER
 from tests.statebackend.support import (
     FULL,
     JOB_ID,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from statebackend import (
+from keystate.statebackend import (
     IntSerializer,
     KVKeyedStateBackend,
     ListState,
@@ -22,7 +22,7 @@ from statebackend import (
     ValueState,
     ValueStateDescriptor,
 )
-from storage import CheckpointStorage, HandleScope, KeyedStateHandle, KeyGroupRange
+from keystate.storage import CheckpointStorage, HandleScope, KeyedStateHandle, KeyGroupRange
 from tests.statebackend.support import (
     BACKENDS,
     JOB_ID,

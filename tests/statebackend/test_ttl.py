@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from statebackend import (
+from keystate.statebackend import (
     AggregatingStateDescriptor,
     IntSerializer,
     ListStateDescriptor,
@@ -17,7 +17,7 @@ from statebackend import (
     TtlUpdate,
     ValueStateDescriptor,
 )
-from storage import CheckpointStorage
+from keystate.storage import CheckpointStorage
 from tests.statebackend.support import BackendFactory, ManualClock, checkpoint_backends
 
 TTL = 100

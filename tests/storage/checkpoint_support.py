@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from storage import (
+from keystate.storage import (
     METADATA_FILE,
     CheckpointMetadata,
     CheckpointProperties,

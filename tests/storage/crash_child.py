@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 from unittest import mock
 
-import storage._local
-from storage import (
+from keystate.storage import (
     METADATA_FILE,
     CheckpointKind,
     CheckpointMetadata,
@@ -43,6 +42,7 @@ from storage import (
     PutMode,
     StreamOptions,
     SubtaskState,
+    _local,
     key_group_range_for_subtask,
 )
 
@@ -199,7 +199,7 @@ class CrashingStore(LocalObjectStore):
 def install_link_and_fsync_points(store: CrashingStore) -> list[Any]:
     """Patches that die right after ``os.link`` of ``_metadata`` or right before its directory fsync."""
     real_link = os.link
-    real_fsync_dir = storage._local._fsync_dir
+    real_fsync_dir = _local._fsync_dir
 
     def link(src: Any, dst: Any, **kwargs: Any) -> None:
         real_link(src, dst, **kwargs)
@@ -211,7 +211,7 @@ def install_link_and_fsync_points(store: CrashingStore) -> list[Any]:
             die()
         real_fsync_dir(path)
 
-    return [mock.patch.object(os, "link", link), mock.patch.object(storage._local, "_fsync_dir", fsync_dir)]
+    return [mock.patch.object(os, "link", link), mock.patch.object(_local, "_fsync_dir", fsync_dir)]
 
 
 def main(argv: list[str]) -> int:

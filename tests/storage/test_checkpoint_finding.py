@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from storage import (
+from keystate.storage import (
     METADATA_FILE,
     CheckpointKind,
     CheckpointMetadata,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from storage import (
+from keystate.storage import (
     METADATA_FILE,
     AlreadyExistsError,
     CheckpointKind,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import METADATA_FILE, CheckpointKind, CheckpointStorage, CompletedCheckpoint, LocalObjectStore
+from keystate.storage import METADATA_FILE, CheckpointKind, CheckpointStorage, CompletedCheckpoint, LocalObjectStore
 from tests.storage import crash_child
 from tests.storage.crash_child import JOB_ID, KILL_POINTS
 

@@ -1,4 +1,5 @@
-"""The fault-injection harness (``storage.faults``, ``storage.s3faults``) and the retry layer (``storage.retry``).
+"""The fault-injection harness (``keystate.storage.faults``, ``keystate.storage.s3faults``) and the retry layer
+(``keystate.storage.retry``).
 
 Every fault does what the table in ``storage/faults.py`` says (raised class, applied or not); rules
 select calls by operation, key, mode, n-th hit, count and seeded probability; the retry layer retries
@@ -17,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 
-from storage import (
+from keystate.storage import (
     AlreadyExistsError,
     CheckpointKind,
     CheckpointMetadata,
@@ -34,9 +35,9 @@ from storage import (
     StorageUnavailableError,
     make_s3_client,
 )
-from storage.faults import Fault, FaultRule, FaultyObjectStore
-from storage.retry import RetryingObjectStore, RetryPolicy, with_retries
-from storage.s3faults import S3FaultInjector, S3FaultRule
+from keystate.storage.faults import Fault, FaultRule, FaultyObjectStore
+from keystate.storage.retry import RetryingObjectStore, RetryPolicy, with_retries
+from keystate.storage.s3faults import S3FaultInjector, S3FaultRule
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = "0123456789abcdef0123456789abcdef"
@@ -170,8 +171,8 @@ def test_rule_validation() -> None:
 
 CRASHING_PUT = """
 import sys
-from storage import LocalObjectStore, PutMode
-from storage.faults import Fault, FaultRule, FaultyObjectStore
+from keystate.storage import LocalObjectStore, PutMode
+from keystate.storage.faults import Fault, FaultRule, FaultyObjectStore
 store = FaultyObjectStore(LocalObjectStore(sys.argv[1]), [FaultRule(Fault.CRASH, "put", key="*/_metadata")])
 store.put("chk-1/state", b"s" * 100, PutMode.CREATE)
 print("before", flush=True)

@@ -11,7 +11,7 @@ import pytest
 import xxhash
 import zstandard
 
-from storage import (
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     Compression,
@@ -24,11 +24,11 @@ from storage import (
     UnsupportedFormatVersionError,
     open_storage,
 )
-from storage.errors import UnsupportedStateFileVersionError
-from storage.statefile import BLOCK_HEADER, FILE_HEADER, BytesSource
-from storage.streams import state_file_name
-from storage.topology import Topology
-from storage.validation import safe_relative_path
+from keystate.storage.errors import UnsupportedStateFileVersionError
+from keystate.storage.statefile import BLOCK_HEADER, FILE_HEADER, BytesSource
+from keystate.storage.streams import state_file_name
+from keystate.storage.topology import Topology
+from keystate.storage.validation import safe_relative_path
 
 
 def write_file(chunks: list[bytes], block_size: int = 64, compression: Compression = Compression.ZSTD) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from storage import (
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointProperties,
@@ -36,7 +36,7 @@ from storage import (
     UnsafePathError,
     UnsupportedFormatVersionError,
 )
-from storage.statefile import format_checksum
+from keystate.storage.statefile import format_checksum
 
 GOLDEN = Path(__file__).parent / "golden"
 JOB = "0123456789abcdef0123456789abcdef"
@@ -285,10 +285,10 @@ def test_unsupported_format_version(version: object) -> None:
 
 def test_document_over_the_size_limit_is_refused_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     data = golden_bytes("metadata_v1_checkpoint.json")
-    monkeypatch.setattr("storage.validation.MAX_DOCUMENT_BYTES", len(data) - 1)
+    monkeypatch.setattr("keystate.storage.validation.MAX_DOCUMENT_BYTES", len(data) - 1)
     with pytest.raises(MetadataError, match=f"over the {len(data) - 1}-byte limit"):
         CheckpointMetadata.from_json_bytes(data, WHERE)
-    monkeypatch.setattr("storage.validation.MAX_DOCUMENT_BYTES", len(data))
+    monkeypatch.setattr("keystate.storage.validation.MAX_DOCUMENT_BYTES", len(data))
     assert CheckpointMetadata.from_json_bytes(data, WHERE) == checkpoint_metadata()
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from storage import CheckpointMetadata, MetadataError, UnsafePathError
+from keystate.storage import CheckpointMetadata, MetadataError, UnsafePathError
 from tests.storage.test_metadata import WHERE, checkpoint_metadata, savepoint_metadata
 
 Doc = dict[str, Any]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from storage import (
+from keystate.storage import (
     AlreadyExistsError,
     InvalidURIError,
     LocalObjectStore,
@@ -19,8 +19,8 @@ from storage import (
     S3ObjectStore,
     StorageError,
 )
-from storage.faults import OPERATIONS, Fault, FaultRule, FaultyObjectStore
-from storage.retry import RetryingObjectStore, RetryPolicy
+from keystate.storage.faults import OPERATIONS, Fault, FaultRule, FaultyObjectStore
+from keystate.storage.retry import RetryingObjectStore, RetryPolicy
 from tests.conftest import BUCKET
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import (
+from keystate.storage import (
     METADATA_FILE,
     CheckpointKind,
     CheckpointMetadata,
@@ -187,7 +187,7 @@ def test_recover_skips_a_corrupt_checkpoint(
         s.write(b"x")
         s.close()  # no _metadata: never recovered
     store = CompletedCheckpointStore(storage, JOB, num_retained=5)
-    with caplog.at_level(logging.WARNING, logger="storage.retention"):
+    with caplog.at_level(logging.WARNING, logger="keystate.storage.retention"):
         recovered = store.recover()
     assert [c.checkpoint_id for c in recovered] == [1, 3]
     assert any("chk-2" in r.getMessage() for r in caplog.records)
@@ -213,7 +213,7 @@ def test_discard_failure_is_logged_not_raised(tmp_path: Path, caplog: pytest.Log
     first, _ = complete(storage, 1)
     store.add(first)
     second, _ = complete(storage, 2)
-    with caplog.at_level(logging.WARNING, logger="storage.retention"):
+    with caplog.at_level(logging.WARNING, logger="keystate.storage.retention"):
         discarded = store.add(second)
     assert [c.checkpoint_id for c in discarded] == [1]
     assert [c.checkpoint_id for c in store.checkpoints] == [2]

@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 import pytest
 
-from storage import (
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointStorage,

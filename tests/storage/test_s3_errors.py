@@ -20,7 +20,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.retries.standard import ExponentialBackoff
 
-from storage import (
+from keystate.storage import (
     AlreadyExistsError,
     BucketNotFoundError,
     CheckpointKind,
@@ -40,7 +40,7 @@ from storage import (
     make_s3_client,
     open_storage,
 )
-from storage.s3faults import S3FaultInjector, S3FaultRule, injected_response, s3_error_response
+from keystate.storage.s3faults import S3FaultInjector, S3FaultRule, injected_response, s3_error_response
 
 MISSING_BUCKET = "ks-no-such-bucket"
 JOB = "0123456789abcdef0123456789abcdef"
@@ -50,7 +50,7 @@ MIB = 1024 * 1024
 def Injector(
     status: int, code: str, *, times: int | None = None, key_suffix: str = "", delay: float = 0.0
 ) -> S3FaultInjector:
-    """The library's botocore hook answering matching requests with one S3 error (``storage.s3faults``).
+    """The library's botocore hook answering matching requests with one S3 error (``keystate.storage.s3faults``).
 
     ``times``: only the first ``times`` matching attempts (later ones reach the server);
     ``key_suffix``: only requests whose URL path ends with it; ``delay``: seconds before answering.

@@ -13,9 +13,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage import LocalObjectStore, MemoryObjectStore
-from storage.errors import ChecksumMismatchError, StateFileError
-from storage.statefile import (
+from keystate.storage import LocalObjectStore, MemoryObjectStore
+from keystate.storage.errors import ChecksumMismatchError, StateFileError
+from keystate.storage.statefile import (
     BLOCK_HEADER,
     END_MARKER,
     FILE_HEADER,

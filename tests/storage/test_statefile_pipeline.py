@@ -11,9 +11,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage import CheckpointStorage, MemoryObjectStore, StreamOptions
-from storage.errors import StateFileError
-from storage.statefile import BytesSource, Compression, StateFileReader, StateFileWriter
+from keystate.storage import CheckpointStorage, MemoryObjectStore, StreamOptions
+from keystate.storage.errors import StateFileError
+from keystate.storage.statefile import BytesSource, Compression, StateFileReader, StateFileWriter
 
 HELPER = "keystate-statefile-compress"
 
@@ -146,7 +146,7 @@ class FailingCompressor:
 
 
 def test_a_helper_error_is_raised_in_the_writer_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("storage._compression.zstd_compressor", lambda level: FailingCompressor(3))
+    monkeypatch.setattr("keystate.storage._compression.zstd_compressor", lambda level: FailingCompressor(3))
     writer = StateFileWriter(bytearray().extend, block_size=64, threads=1)
     with pytest.raises(Boom):
         write_all(writer, 100)
@@ -158,7 +158,7 @@ def test_a_helper_error_is_raised_in_the_writer_thread(monkeypatch: pytest.Monke
 
 
 def test_a_helper_error_surfaces_at_finish(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("storage._compression.zstd_compressor", lambda level: FailingCompressor(1))
+    monkeypatch.setattr("keystate.storage._compression.zstd_compressor", lambda level: FailingCompressor(1))
     writer = StateFileWriter(bytearray().extend, block_size=64, threads=1)
     writer.write(payload(0, 64 * 2))  # block 0 inline, block 1 on the helper (its first: fine)
     writer.write(payload(1, 64))  # block 2: the helper's second, which fails

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage import (
+from keystate.storage import (
     InputEdge,
     KeyGroupRange,
     Partitioning,
@@ -21,7 +21,7 @@ from storage import (
     key_group_range_for_subtask,
     operator_index_for_key_group,
 )
-from storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, check_max_parallelism
+from keystate.storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, check_max_parallelism
 
 WHERE = "topology.json"
 

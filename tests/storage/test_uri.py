@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from storage import (
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     InvalidURIError,
@@ -17,7 +17,7 @@ from storage import (
     open_storage,
     parse_location,
 )
-from storage.uri import open_store
+from keystate.storage.uri import open_store
 from tests.conftest import BUCKET
 
 JOB = "abcdef0123456789abcdef0123456789"

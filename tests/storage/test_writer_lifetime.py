@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from storage import CheckpointStorage, LocalObjectStore, StorageError, StreamOptions
+from keystate.storage import CheckpointStorage, LocalObjectStore, StorageError, StreamOptions
 from tests.storage.test_retention import JOB, complete
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from statebackend import (
+from keystate.statebackend import (
     IntSerializer,
     JsonSerializer,
     ListStateDescriptor,
@@ -21,8 +21,8 @@ from statebackend import (
     ValueStateDescriptor,
     key_group_range_for_subtask,
 )
-from statebackend.operator_state import OperatorStateBackend
-from storage import (
+from keystate.statebackend.operator_state import OperatorStateBackend
+from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     CompletedCheckpoint,
@@ -33,7 +33,7 @@ from storage import (
     SubtaskState,
     open_storage,
 )
-from tools.cli import run
+from keystate.tools.cli import run
 
 JOB_ID = "0123456789abcdef0123456789abcdef"
 TIMESTAMP = 1_763_900_000_000  # 2025-11-23 12:13:20 UTC

@@ -150,7 +150,7 @@ def test_missing_topology_file(cli: Cli, golden_root: Path, tmp_path: Path) -> N
 
 
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from tools.cli import main
+    from keystate.tools.cli import main
 
     for argv in (
         ["inspect"],
@@ -171,8 +171,8 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 def job_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A module with job functions, importable from the current directory as --job expects."""
     (tmp_path / "myjobs_for_test.py").write_text(
-        "from runtime import JobGraph, SequenceSource, MapOperator\n"
-        "from storage import Topology, TopologyOperator\n"
+        "from keystate.runtime import JobGraph, SequenceSource, MapOperator\n"
+        "from keystate.storage import Topology, TopologyOperator\n"
         "def same():\n"
         "    job = JobGraph('x')\n"
         "    s = job.source(SequenceSource(10), uid='src', parallelism=2)\n"
@@ -279,7 +279,7 @@ def test_s3_errors_are_one_line(
 def test_s3_access_denied(cli: Cli, moto_endpoint: str, server_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import botocore.awsrequest
 
-    from storage import _s3
+    from keystate.storage import _s3
 
     real = _s3.make_s3_client
 
@@ -312,7 +312,7 @@ class _Raw:
 
 def test_debug_env_shows_traceback(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYSTATE_DEBUG", "1")
-    from storage import CheckpointNotFoundError
+    from keystate.storage import CheckpointNotFoundError
 
     with pytest.raises(CheckpointNotFoundError):
         cli("inspect", str(tmp_path / "missing"))

@@ -153,7 +153,7 @@ def test_operator_detail(cli: Cli, golden_root: Path) -> None:
 
 
 def test_inspect_checkpoint_console_alias(golden_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tools.cli import inspect_main
+    from keystate.tools.cli import inspect_main
 
     assert inspect_main([str(golden_root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint_id"] == 7

@@ -1,0 +1,71 @@
+"""keystate: Flink-grade keyed state and checkpoints for Python stream processors.
+
+One import root with four layers, each importable on its own (imports point down)::
+
+    keystate.tools         the CLIs: keystate inspect / list / verify / dump / check-restore / demo
+    keystate.runtime       the asyncio runtime: job graph, tasks, barriers, checkpoint coordinator
+    keystate.statebackend  keyed state (LMDB, heap) and operator list state, snapshots, restore
+    keystate.storage       the checkpoint format and checkpoint storage on local disk, S3 and memory
+
+The names most users need first are also here, loaded on first use so that ``import keystate`` stays
+cheap (the CLI's local paths never import boto3 or the runtime)::
+
+    import keystate
+
+    storage = keystate.open_storage("/var/checkpoints")     # or "s3://bucket/prefix"
+    job = keystate.JobGraph("orders")
+    result = asyncio.run(keystate.run_job(job, keystate.JobConfig()))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+if TYPE_CHECKING:
+    from keystate.runtime import CheckpointConfig, JobConfig, JobGraph, run_job, submit
+    from keystate.statebackend import HeapStateBackend, LmdbStateBackend
+    from keystate.storage import CheckpointStorage, KeystateError, open_storage
+
+# name -> the module that defines it; resolved by __getattr__ on first access (PEP 562).
+_LAZY = {
+    "KeystateError": "keystate.storage",
+    "CheckpointStorage": "keystate.storage",
+    "open_storage": "keystate.storage",
+    "LmdbStateBackend": "keystate.statebackend",
+    "HeapStateBackend": "keystate.statebackend",
+    "JobGraph": "keystate.runtime",
+    "JobConfig": "keystate.runtime",
+    "CheckpointConfig": "keystate.runtime",
+    "run_job": "keystate.runtime",
+    "submit": "keystate.runtime",
+}
+
+__all__ = [
+    "CheckpointConfig",
+    "CheckpointStorage",
+    "HeapStateBackend",
+    "JobConfig",
+    "JobGraph",
+    "KeystateError",
+    "LmdbStateBackend",
+    "__version__",
+    "open_storage",
+    "run_job",
+    "submit",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keystate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
