@@ -8,11 +8,24 @@ Start with :func:`open_storage`::
         stream.write(b"...")
         handle = stream.close()
     completed = writer.commit(metadata)                       # _metadata last, create-only
+
+With several worker processes writing one checkpoint, each worker opens its own storage and writer and
+ships its handles to the one committer as JSON (:func:`subtask_state_to_json`, :func:`handle_to_json`
+and their ``*_from_json`` inverses), which vouches for their files with ``writer.adopt(...)`` before it
+commits; ``docs/embedding.md`` walks through it.
+
+The format (``_metadata``, state files, the topology file, key groups) is ``keystate.storage.format``
+and does no I/O; the rest of this package moves bytes. boto3 is imported only when an ``s3://``
+location is opened or an S3 name below is first used (:class:`S3ObjectStore`, :func:`make_s3_client`).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from keystate.storage._local import LocalObjectStore
 from keystate.storage._memory import MemoryObjectStore
-from keystate.storage._s3 import S3ObjectStore, make_s3_client
 from keystate.storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode
 from keystate.storage.checkpoints import (
     METADATA_FILE,
@@ -24,6 +37,7 @@ from keystate.storage.checkpoints import (
 from keystate.storage.errors import (
     AlreadyExistsError,
     BucketNotFoundError,
+    CheckpointDiscardedError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
     CommitConflictError,
@@ -34,6 +48,7 @@ from keystate.storage.errors import (
     InvalidURIError,
     KeystateError,
     MetadataError,
+    MissingStateFilesError,
     NotFoundError,
     RequestOutcomeUnknownError,
     StateFileError,
@@ -41,41 +56,74 @@ from keystate.storage.errors import (
     StorageError,
     StorageUnavailableError,
     TopologyError,
+    UnsafeLinkError,
     UnsafePathError,
     UnsupportedFormatVersionError,
+    UnsupportedMetadataVersionError,
 )
 from keystate.storage.faults import Fault, FaultRule, FaultyObjectStore
-from keystate.storage.keygroups import (
-    KeyGroupRange,
-    default_max_parallelism,
-    key_group_range_for_subtask,
-    operator_index_for_key_group,
-)
-from keystate.storage.metadata import (
+from keystate.storage.format import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointProperties,
+    Compression,
     DistributionMode,
     HandleScope,
+    InputEdge,
     KeyedStateHandle,
+    KeyGroupRange,
     OperatorState,
     OperatorStateEntry,
     OperatorStateHandle,
     OperatorStatus,
+    Partitioning,
+    StateFileReader,
+    StateHandle,
     StreamHandle,
     SubtaskState,
+    Topology,
+    TopologyOperator,
+    default_max_parallelism,
+    dump_metadata,
+    handle_from_json,
+    handle_to_json,
+    key_group_range_for_subtask,
+    operator_index_for_key_group,
+    parse_metadata,
+    subtask_state_from_json,
+    subtask_state_to_json,
 )
 from keystate.storage.retention import CompletedCheckpointStore
 from keystate.storage.retry import RetryingObjectStore, RetryPolicy, with_retries
-from keystate.storage.statefile import Compression, StateFileReader, StateFileWriter
+from keystate.storage.statefile_io import StateFileWriter
 from keystate.storage.streams import StateOutputStream, StreamOptions
-from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
 from keystate.storage.uri import Location, open_storage, open_store, parse_location
+
+if TYPE_CHECKING:
+    from keystate.storage._s3 import S3ObjectStore, make_s3_client
+    from keystate.storage.flink_checkpoints import (
+        FlinkCheckpoint,
+        open_checkpoint,
+        resolve_checkpoint,
+        verify_flink_checkpoint,
+    )
+
+# name -> the module that defines it, imported on first access (PEP 562): these pull in boto3, or the
+# reader of Apache Flink's _metadata.
+_LAZY = {
+    "S3ObjectStore": "keystate.storage._s3",
+    "make_s3_client": "keystate.storage._s3",
+    "FlinkCheckpoint": "keystate.storage.flink_checkpoints",
+    "open_checkpoint": "keystate.storage.flink_checkpoints",
+    "resolve_checkpoint": "keystate.storage.flink_checkpoints",
+    "verify_flink_checkpoint": "keystate.storage.flink_checkpoints",
+}
 
 __all__ = [
     "METADATA_FILE",
     "AlreadyExistsError",
     "BucketNotFoundError",
+    "CheckpointDiscardedError",
     "CheckpointKind",
     "CheckpointMetadata",
     "CheckpointNotFoundError",
@@ -95,6 +143,7 @@ __all__ = [
     "Fault",
     "FaultRule",
     "FaultyObjectStore",
+    "FlinkCheckpoint",
     "FormatError",
     "HandleScope",
     "InputEdge",
@@ -106,6 +155,7 @@ __all__ = [
     "Location",
     "MemoryObjectStore",
     "MetadataError",
+    "MissingStateFilesError",
     "NotFoundError",
     "ObjectInfo",
     "ObjectReader",
@@ -124,6 +174,7 @@ __all__ = [
     "StateFileError",
     "StateFileReader",
     "StateFileWriter",
+    "StateHandle",
     "StateOutputStream",
     "StorageAccessDeniedError",
     "StorageError",
@@ -134,17 +185,42 @@ __all__ = [
     "Topology",
     "TopologyError",
     "TopologyOperator",
+    "UnsafeLinkError",
     "UnsafePathError",
     "UnsupportedFormatVersionError",
+    "UnsupportedMetadataVersionError",
     "default_max_parallelism",
+    "dump_metadata",
+    "handle_from_json",
+    "handle_to_json",
     "key_group_range_for_subtask",
     "make_s3_client",
+    "open_checkpoint",
     "open_storage",
     "open_store",
     "operator_index_for_key_group",
     "parse_location",
+    "parse_metadata",
+    "resolve_checkpoint",
+    "subtask_state_from_json",
+    "subtask_state_to_json",
+    "verify_flink_checkpoint",
     "with_retries",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 if __name__ != "keystate.storage":
     # One import root: this folder is installed as keystate.storage. Refusing the bare name keeps every file

@@ -1,4 +1,4 @@
-"""Helper threads that compress and hash state-file blocks (``keystate.storage.statefile.StateFileWriter``)."""
+"""Helper threads that compress and hash state-file blocks (``keystate.storage.statefile_io.StateFileWriter``)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import queue
 import threading
 import weakref
 
-import xxhash
 import zstandard
 
 from keystate.storage.errors import StateFileError
+from keystate.storage.format.statefile import encode_block, zstd_compressor
 
-__all__ = ["BlockHelpers", "zstd_compressor"]
+__all__ = ["BlockHelpers"]
 
 
 class BlockHelpers:
@@ -60,11 +60,7 @@ class BlockHelpers:
             thread.join()
 
 
-_Done = tuple[int, bytes, int, int, BaseException | None]  # block number, stored, raw length, xxh3, error
-
-
-def zstd_compressor(level: int) -> zstandard.ZstdCompressor:
-    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+_Done = tuple[int, bytes | memoryview, int, int, BaseException | None]  # block number, stored, raw length, xxh3, error
 
 
 def _compress_blocks(
@@ -78,8 +74,8 @@ def _compress_blocks(
             continue  # aborted: drop the rest
         number, raw = item
         try:
-            stored = compressor.compress(raw)
-            done.put((number, stored, len(raw), xxhash.xxh3_64_intdigest(stored), None))
+            stored, digest = encode_block(raw, compressor)  # the frame, or ``raw`` itself if that is smaller
+            done.put((number, stored, len(raw), digest, None))
         except BaseException as exc:  # handed to the writer's thread, which raises it
             done.put((number, b"", 0, 0, exc))
         del item, raw

@@ -1,7 +1,10 @@
-"""``_metadata`` versions: pop ``format_version`` and dispatch to that version's parser.
+"""``_metadata`` versions: :func:`parse_metadata` pops ``format_version`` and dispatches to that version's
+parser; :func:`dump_metadata` writes the newest version.
 
 A new format version adds a module (``_metadata_v2.py``) and an entry in ``_PARSERS``; the existing
-version's parser is never edited to accept the new one, and ``dump`` always writes the newest.
+version's parser is never edited to accept the new one, and ``dump_metadata`` always writes the newest.
+Imports point one way: this module imports the version modules, which import the model
+(``keystate.storage.format.metadata``); the model imports neither.
 """
 
 from __future__ import annotations
@@ -9,23 +12,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from keystate.storage._metadata_v1 import dump_v1, parse_v1
 from keystate.storage.errors import MetadataError, UnsupportedMetadataVersionError
-from keystate.storage.metadata import CheckpointMetadata
-from keystate.storage.validation import loads_strict
+from keystate.storage.format._metadata_v1 import dump_v1, parse_v1
+from keystate.storage.format.metadata import CheckpointMetadata
+from keystate.storage.format.validation import loads_strict
 
-__all__ = ["SUPPORTED_VERSIONS", "dump_metadata", "load_metadata"]
+__all__ = ["SUPPORTED_VERSIONS", "dump_metadata", "parse_metadata"]
 
 _PARSERS: dict[int, Callable[[dict[str, Any], str], CheckpointMetadata]] = {1: parse_v1}
 SUPPORTED_VERSIONS = tuple(sorted(_PARSERS))
 
 
-def load_metadata(data: bytes, where: str) -> CheckpointMetadata:
+def parse_metadata(data: bytes, where: str) -> CheckpointMetadata:
     """Parse ``_metadata`` bytes of any supported version.
 
+    Args:
+        data: the bytes of a ``_metadata`` file.
+        where: the file's name or URI, for error messages.
+
     Raises:
-        MetadataError: not JSON, not an object, or an invalid field.
+        MetadataError: truncated, not JSON, not an object, a missing/invalid field, or an inconsistency.
         UnsupportedMetadataVersionError: unknown or newer ``format_version``.
+        UnsafePathError: a handle path is absolute or leaves its directory.
     """
     doc = loads_strict(data, where)
     if not isinstance(doc, dict):
@@ -40,5 +48,5 @@ def load_metadata(data: bytes, where: str) -> CheckpointMetadata:
 
 
 def dump_metadata(metadata: CheckpointMetadata) -> bytes:
-    """Serialize in the newest format version."""
+    """Serialize in the newest format version: compact, deterministic UTF-8 JSON and a newline."""
     return dump_v1(metadata)

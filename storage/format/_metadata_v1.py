@@ -1,8 +1,10 @@
 """``_metadata`` format version 1: JSON serialization and field-by-field parsing.
 
-``keystate.storage._metadata_versions`` pops ``format_version`` and dispatches to a version's parser; a later
+``keystate.storage.format._metadata_versions`` pops ``format_version`` and dispatches to a version's parser; a later
 version adds its own module beside this one and an entry in that registry instead of editing this one.
 Every field has one small parser whose error names the file and the JSON path of the field.
+The ``*_handle_v1`` and ``*_subtask_v1`` functions give the same layout and parsers to a handle or a
+subtask entry on its own: the JSON forms ``keystate.storage.format.transfer`` ships between processes.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from keystate.storage.errors import MetadataError
-from keystate.storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
-from keystate.storage.metadata import (
+from keystate.storage.format.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
+from keystate.storage.format.metadata import (
     CHECKSUM_PATTERN,
     JOB_ID_PATTERN,
     CheckpointKind,
@@ -30,9 +32,9 @@ from keystate.storage.metadata import (
     StreamHandle,
     SubtaskState,
 )
-from keystate.storage.statefile import Compression
-from keystate.storage.topology import UID_PATTERN, parse_input_edge
-from keystate.storage.validation import (
+from keystate.storage.format.statefile import Compression
+from keystate.storage.format.topology import UID_PATTERN, parse_input_edge
+from keystate.storage.format.validation import (
     check_keys,
     req_bool,
     req_int,
@@ -42,7 +44,15 @@ from keystate.storage.validation import (
     safe_relative_path,
 )
 
-__all__ = ["dump_v1", "parse_v1"]
+__all__ = [
+    "HANDLE_KINDS",
+    "dump_handle_v1",
+    "dump_subtask_v1",
+    "dump_v1",
+    "parse_handle_v1",
+    "parse_subtask_v1",
+    "parse_v1",
+]
 T = TypeVar("T")
 
 
@@ -68,23 +78,25 @@ def _stream_to_json(h: StreamHandle) -> dict[str, Any]:
     return d
 
 
+def _keyed_to_json(k: KeyedStateHandle) -> dict[str, Any]:
+    return {"key_groups": [k.key_groups.start, k.key_groups.end], "offsets": list(k.offsets),
+            "stream": _stream_to_json(k.stream)}  # fmt: skip
+
+
+def _operator_handle_to_json(o: OperatorStateHandle) -> dict[str, Any]:
+    return {"states": [{"name": e.name, "mode": e.mode.value, "offsets": list(e.offsets),
+                        "serializer": e.serializer} for e in o.states],
+            "stream": _stream_to_json(o.stream)}  # fmt: skip
+
+
 def _subtask_to_json(st: SubtaskState) -> dict[str, Any]:
     if st.finished:
         return {"index": st.index, "finished": True}
     return {
         "index": st.index,
-        "keyed": [
-            {"key_groups": [k.key_groups.start, k.key_groups.end], "offsets": list(k.offsets),
-             "stream": _stream_to_json(k.stream)}
-            for k in st.keyed
-        ],
-        "operator": [
-            {"states": [{"name": e.name, "mode": e.mode.value, "offsets": list(e.offsets),
-                         "serializer": e.serializer} for e in o.states],
-             "stream": _stream_to_json(o.stream)}
-            for o in st.operator
-        ],
-    }  # fmt: skip
+        "keyed": [_keyed_to_json(k) for k in st.keyed],
+        "operator": [_operator_handle_to_json(o) for o in st.operator],
+    }
 
 
 def dump_v1(m: CheckpointMetadata) -> bytes:
@@ -237,3 +249,47 @@ def parse_v1(doc: dict[str, Any], where: str) -> CheckpointMetadata:
         _parse_operator(o, f"{where}: operators[{i}]") for i, o in enumerate(req_list(doc, "operators", where))
     )
     return _build(where, lambda: CheckpointMetadata(checkpoint_id, job_id, kind, timestamp, operators, properties))
+
+
+# --- the parts on their own (keystate.storage.format.transfer) ----------------------------------------
+
+HANDLE_KINDS: dict[str, type[StreamHandle | KeyedStateHandle | OperatorStateHandle]] = {
+    "stream": StreamHandle,
+    "keyed": KeyedStateHandle,
+    "operator": OperatorStateHandle,
+}
+"""The ``handle`` field of a handle's JSON form: which class the rest of the object describes."""
+
+
+def dump_handle_v1(handle: StreamHandle | KeyedStateHandle | OperatorStateHandle) -> dict[str, Any]:
+    """A handle as ``_metadata`` v1 writes it where it appears, tagged with its kind in ``handle``."""
+    if isinstance(handle, KeyedStateHandle):
+        return {"handle": "keyed", **_keyed_to_json(handle)}
+    if isinstance(handle, OperatorStateHandle):
+        return {"handle": "operator", **_operator_handle_to_json(handle)}
+    if isinstance(handle, StreamHandle):
+        return {"handle": "stream", **_stream_to_json(handle)}
+    raise TypeError(f"expected a StreamHandle, KeyedStateHandle or OperatorStateHandle, found {type(handle).__name__}")
+
+
+def parse_handle_v1(
+    doc: dict[str, Any], where: str, kinds: tuple[str, ...] = tuple(HANDLE_KINDS)
+) -> StreamHandle | KeyedStateHandle | OperatorStateHandle:
+    """Parse a handle's version-1 JSON form (``format_version`` already removed) whose kind is in ``kinds``."""
+    kind = req_str(doc, "handle", where, choices=kinds)
+    rest = {k: v for k, v in doc.items() if k != "handle"}
+    if kind == "keyed":
+        return _parse_keyed(rest, where)
+    if kind == "operator":
+        return _parse_operator_handle(rest, where)
+    return _parse_stream(rest, where)
+
+
+def dump_subtask_v1(state: SubtaskState) -> dict[str, Any]:
+    """A subtask entry as ``_metadata`` v1 writes it in its operator's ``subtasks``."""
+    return _subtask_to_json(state)
+
+
+def parse_subtask_v1(doc: dict[str, Any], where: str) -> SubtaskState:
+    """Parse a subtask entry's version-1 JSON form (``format_version`` already removed)."""
+    return _parse_subtask(doc, where)

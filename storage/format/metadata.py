@@ -3,8 +3,10 @@
 A checkpoint's metadata records the job topology at checkpoint time and, per operator, either
 ``fully_finished`` (FLIP-147: every subtask finished, no state at all) or per-subtask entries that are
 either a finished marker or the subtask's state handles. Invariants are checked here, on construction,
-so metadata built in code and metadata parsed from a file obey the same rules; the field-by-field
-parsing of the JSON lives in ``keystate.storage._metadata_v1``. ``docs/format.md`` is the normative spec.
+so metadata built in code and metadata parsed from a file obey the same rules. This module is the model
+only: ``parse_metadata`` / ``dump_metadata`` (``keystate.storage.format._metadata_versions``) read and
+write it, dispatching on ``format_version`` to a version's module (``_metadata_v1``), which builds these
+classes; the model never imports them. ``docs/format.md`` is the normative spec.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from enum import StrEnum
 from typing import ClassVar
 
 from keystate.storage.errors import MetadataError, TopologyError
-from keystate.storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
-from keystate.storage.statefile import FILE_HEADER, TRAILER, Compression
-from keystate.storage.topology import InputEdge, Topology, TopologyOperator, check_uid
-from keystate.storage.validation import safe_relative_path
+from keystate.storage.format.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
+from keystate.storage.format.statefile import FILE_HEADER, TRAILER, Compression
+from keystate.storage.format.topology import InputEdge, Topology, TopologyOperator, check_uid
+from keystate.storage.format.validation import safe_relative_path
 
 __all__ = [
     "CheckpointKind",
@@ -381,21 +383,3 @@ class CheckpointMetadata:
     @property
     def directory_name(self) -> str:
         return f"chk-{self.checkpoint_id}"
-
-    def to_json_bytes(self) -> bytes:
-        from keystate.storage._metadata_versions import dump_metadata
-
-        return dump_metadata(self)
-
-    @classmethod
-    def from_json_bytes(cls, data: bytes, where: str) -> CheckpointMetadata:
-        """Parse ``_metadata`` bytes, dispatching on ``format_version``.
-
-        Raises:
-            MetadataError: truncated, not JSON, a missing/invalid field, or an inconsistency.
-            UnsupportedFormatVersionError: unknown or newer ``format_version``.
-            UnsafePathError: a handle path is absolute or leaves its directory.
-        """
-        from keystate.storage._metadata_versions import load_metadata
-
-        return load_metadata(data, where)

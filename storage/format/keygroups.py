@@ -4,7 +4,7 @@ These are pure functions of (max_parallelism, parallelism, index) and are shared
 format (keyed handles carry a key-group range), the state backends and the restore logic. Mapping a
 *key* to its key group needs a hash and lives in ``keystate.statebackend.keygroups``.
 
-Reference: Flink ``KeyGroupRangeAssignment`` (reference F1, F2).
+Reference: Flink ``KeyGroupRangeAssignment`` (rules F1, F2 of docs/flink-rules.md).
 """
 
 from __future__ import annotations

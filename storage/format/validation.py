@@ -16,6 +16,8 @@ from keystate.storage.errors import MetadataError, UnsafePathError
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
+    "MAX_DOCUMENT_CONTAINERS",
+    "check_document_limits",
     "check_keys",
     "loads_strict",
     "opt_int",
@@ -29,8 +31,17 @@ __all__ = [
 
 E = TypeVar("E", bound=Exception)
 
-MAX_DOCUMENT_BYTES = 256 << 20
-"""Documents larger than this are refused before parsing (bounds memory on hostile input)."""
+MAX_DOCUMENT_BYTES = 16 << 20
+"""Documents larger than this are refused before parsing (bounds memory on hostile input).
+
+16 MiB holds the ``_metadata`` of about 30,000 subtasks with file-backed state (about 500 bytes each)
+and 4 MiB of inline state (``StreamOptions.inline_budget``); a writer refuses to commit more. Set this
+module attribute to read a larger document, e.g. one an older keystate wrote (the limit was 256 MiB).
+"""
+MAX_DOCUMENT_CONTAINERS = 1 << 20
+"""Documents with more ``{`` and ``[`` bytes than this (an upper bound on their JSON objects and arrays)
+are refused before parsing: an empty array costs the parser about 100 bytes for its 2 bytes of text, and
+keystate's documents have one per 25 bytes or more (16 MiB of them, about 700,000)."""
 MAX_INT = (1 << 63) - 1
 
 
@@ -64,23 +75,51 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):  # rare: find the key for the message
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return result
+
+
+_LIMIT_HINT = "a larger limit can be set in keystate.storage.format.validation"
+
+
+def check_document_limits(data: bytes, where: str, error: type[Exception] = MetadataError) -> None:
+    """Refuse a document over ``MAX_DOCUMENT_BYTES`` or with more than ``MAX_DOCUMENT_CONTAINERS`` ``{``
+    and ``[`` bytes: what :func:`loads_strict` refuses before parsing (writers check what they write).
+
+    Raises:
+        error: the document is over a limit.
+    """
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise error(
+            f"{where}: document is {len(data)} bytes, over the {MAX_DOCUMENT_BYTES}-byte limit "
+            f"(MAX_DOCUMENT_BYTES; {_LIMIT_HINT})"
+        )
+    containers = data.count(b"{") + data.count(b"[")
+    if containers > MAX_DOCUMENT_CONTAINERS:
+        raise error(
+            f"{where}: document has {containers} '{{' and '[' bytes, over the limit of {MAX_DOCUMENT_CONTAINERS} "
+            f"JSON objects and arrays (MAX_DOCUMENT_CONTAINERS; {_LIMIT_HINT})"
+        )
 
 
 def loads_strict(data: bytes, where: str, error: type[Exception] = MetadataError) -> Any:
     """Parse JSON bytes strictly: UTF-8, no NaN/Infinity, no duplicate keys, bounded size and depth.
 
+    The size (``MAX_DOCUMENT_BYTES``) and the number of objects and arrays (``MAX_DOCUMENT_CONTAINERS``)
+    are checked before parsing, which bounds the parser's memory (docs/format.md section 4.2): the
+    bytes are decoded once, and nothing else is copied.
+
     Raises:
         error: the bytes are too large, not UTF-8, not JSON, or nested too deeply.
     """
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise error(f"{where}: document is {len(data)} bytes, over the {MAX_DOCUMENT_BYTES}-byte limit")
-    if not data.strip():
+    check_document_limits(data, where, error)
+    if not data or data.isspace():
         raise error(f"{where}: document is empty (truncated or never written)")
     try:
         text = data.decode("utf-8")
@@ -203,7 +242,7 @@ def check_keys(
     for field in required:
         if field not in obj:
             raise error(f"{where}: required field '{field}' is missing")
-    unknown = sorted(set(obj) - allowed)
+    unknown = sorted(set(obj) - allowed, key=str)  # a dict built in Python may have non-str keys
     if unknown:
         raise error(
             f"{where}: unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))}); "

@@ -2,18 +2,21 @@
 
 This is the byte format of every state stream, whether it lands in a file, an S3 object or inline in
 ``_metadata``. ``docs/format.md`` is the normative description; the structs below are the code of it.
+This module describes bytes and moves none: it frames blocks (:class:`StateFileEncoder`) and decodes
+and verifies a file from any :class:`ByteSource` (:class:`StateFileReader`). The writer that buffers,
+cuts and compresses blocks, on helper threads if asked, is ``keystate.storage.statefile_io``.
 
-A writer can end the current block at any time (:meth:`StateFileWriter.start_block`) and get the file
-offset where the next block starts. The keyed backends do that at each key group, so a rescaled
-restore reads exactly the blocks of the key groups it needs (one range read, no full scan). Every
-block carries the xxh3-64 of its stored bytes, so corruption is found and located (file and offset)
-even in a partial read; the trailer records the block count and total raw length, so truncation is
-found too; the whole-file xxh3-64 goes into the handle in ``_metadata``.
+A writer can end the current block at any time and get the file offset where the next block starts.
+The keyed backends do that at each key group, so a rescaled restore reads exactly the blocks of the
+key groups it needs (one range read, no full scan). Every block carries the xxh3-64 of its stored
+bytes, so corruption is found and located (file and offset) even in a partial read; the trailer
+records the block count and total raw length, so truncation is found too; the whole-file xxh3-64
+goes into the handle in ``_metadata``.
 """
 
 from __future__ import annotations
 
-import queue
+import io
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,27 +26,39 @@ from typing import Protocol
 import xxhash
 import zstandard
 
-from keystate.storage._compression import BlockHelpers, zstd_compressor
-from keystate.storage.base import ObjectReader, ObjectStore
 from keystate.storage.errors import ChecksumMismatchError, StateFileError, UnsupportedStateFileVersionError
 
 __all__ = [
     "BLOCK_HEADER",
+    "DEFAULT_BLOCK_SIZE",
+    "END_MARKER",
     "FILE_HEADER",
+    "FORMAT_VERSION",
     "MAGIC",
+    "MAX_FILE_RAW",
+    "MAX_RAW_BLOCK",
+    "MAX_STORED_BLOCK",
+    "SUPPORTED_VERSIONS",
     "TRAILER",
+    "ByteReader",
+    "ByteSource",
     "BytesSource",
     "Compression",
+    "ReadLimits",
+    "StateFileEncoder",
     "StateFileReader",
     "StateFileSummary",
-    "StateFileWriter",
-    "StoreSource",
+    "encode_block",
     "format_checksum",
+    "max_stored_block",
+    "zstd_compressor",
 ]
 
 MAGIC = b"KSSF"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+"""The version a writer puts in the header of a zstd file (a file without compression is written as
+version 1, which it is byte for byte: version 2 only adds raw blocks to zstd files)."""
+SUPPORTED_VERSIONS = (1, 2)
 
 # >4s magic "KSSF" | >H format version | >B compression code | >B flags (must be 0)
 FILE_HEADER = struct.Struct(">4sHBB")
@@ -54,9 +69,46 @@ TRAILER = struct.Struct(">IIQ")
 END_MARKER = 0xFFFFFFFF
 
 DEFAULT_BLOCK_SIZE = 1 << 20
-MAX_RAW_BLOCK = 64 << 20
-"""A reader rejects a block that declares more raw bytes than this (bounds memory on hostile input)."""
-MAX_STORED_BLOCK = MAX_RAW_BLOCK + (MAX_RAW_BLOCK >> 7) + 1024  # zstd's worst-case expansion bound
+MAX_RAW_BLOCK = 16 << 20
+"""The largest block a writer cuts (its ``block_size``) and, by default, the most raw bytes a reader
+accepts in one block (:attr:`ReadLimits.max_block_raw`): 16 times the default block size."""
+MAX_FILE_RAW = 4 << 30
+"""By default, the most raw bytes a reader accepts in one state file (:attr:`ReadLimits.max_file_raw`)."""
+
+
+def max_stored_block(max_raw: int) -> int:
+    """The most stored bytes of a block of at most ``max_raw`` raw bytes: zstd's worst-case expansion."""
+    return max_raw + (max_raw >> 7) + 1024
+
+
+MAX_STORED_BLOCK = max_stored_block(MAX_RAW_BLOCK)
+_LIMITS_HINT = "raise it with CheckpointStorage(..., read_limits=ReadLimits(...)) or CheckpointConfig(read_limits=...)"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadLimits:
+    """What a reader accepts from a state file before it decodes it: the bounds on hostile input.
+
+    Each block is decoded on its own into at most ``max_block_raw`` bytes, so memory while reading is a
+    small multiple of that, however large the file; ``max_file_raw`` bounds the work (and what a caller
+    that keeps everything, like :meth:`StateFileReader.read_all`, holds) for one file.
+
+    Attributes:
+        max_block_raw: the most raw bytes one block may declare (16 MiB: every block keystate's writer
+            cuts fits, as its ``block_size`` is at most that). Raise it only to read files written by an
+            older keystate with a ``block_size`` over 16 MiB.
+        max_file_raw: the most raw bytes one state file may declare in its handle or decode to (4 GiB).
+            Raise it to restore a larger state file.
+    """
+
+    max_block_raw: int = MAX_RAW_BLOCK
+    max_file_raw: int = MAX_FILE_RAW
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_block_raw < END_MARKER:
+            raise ValueError(f"max_block_raw must be in 1..{END_MARKER - 1}, found {self.max_block_raw}")
+        if self.max_file_raw < 0:
+            raise ValueError(f"max_file_raw must be >= 0, found {self.max_file_raw}")
 
 
 class Compression(StrEnum):
@@ -95,215 +147,69 @@ class StateFileSummary:
     blocks: int
 
 
-class StateFileWriter:
-    """Writes one state file through ``sink``, block by block.
+def zstd_compressor(level: int) -> zstandard.ZstdCompressor:
+    """The compressor of zstd blocks: one frame per block that records its content size (the reader
+    checks it against the block header) and no zstd checksum (the block header carries the xxh3-64)."""
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+
+
+def encode_block(raw: memoryview, compressor: zstandard.ZstdCompressor | None) -> tuple[bytes | memoryview, int]:
+    """A block's stored bytes and their xxh3-64: the zstd frame if it is smaller than ``raw``, else ``raw``
+    itself (a version-2 block whose stored length equals its raw length is stored raw)."""
+    stored: bytes | memoryview = raw
+    if compressor is not None:
+        frame = compressor.compress(raw)
+        if len(frame) < len(raw):
+            stored = frame
+    return stored, xxhash.xxh3_64_intdigest(stored)
+
+
+class StateFileEncoder:
+    """Frames one state file into ``sink``: the file header at once, then each block, then the trailer.
+
+    It knows nothing of buffering or threads: the caller cuts and compresses blocks (see
+    :func:`encode_block`) and hands them over in file order. It tracks the file position, where every
+    block starts and the whole-file xxh3-64.
 
     Args:
-        sink: receives the file's bytes in order (it must copy a memoryview it keeps); always called
-            from the thread that calls the writer's methods.
-        compression: block compression.
-        level: zstd level (1 is the default: checkpoint speed matters more than the last few percent).
-        block_size: raw bytes per block before a block is cut automatically.
-        threads: helper threads that compress and hash zstd blocks while the caller goes on writing
-            (0: compress in the caller's thread). They start once a block's worth of raw bytes has been
-            written, so small files never start a thread, and stop at :meth:`finish` or
-            :meth:`abort`. The file's bytes do not depend on this setting.
+        sink: receives the file's bytes in order (it must copy a memoryview it keeps).
+        compression: the compression recorded in the file header.
     """
 
-    def __init__(
-        self,
-        sink: Callable[[bytes | memoryview], object],
-        *,
-        compression: Compression = Compression.ZSTD,
-        level: int = 1,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        threads: int = 0,
-    ) -> None:
-        if not 0 < block_size <= MAX_RAW_BLOCK:
-            raise ValueError(f"block_size must be in 1..{MAX_RAW_BLOCK}, found {block_size}")
-        if threads < 0:
-            raise ValueError(f"threads must be >= 0, found {threads}")
+    def __init__(self, sink: Callable[[bytes | memoryview], object], compression: Compression) -> None:
         self._sink = sink
-        self._compression = compression
-        self._level = level
-        self._compressor = zstd_compressor(level) if compression is Compression.ZSTD else None
-        self._threads = threads if compression is Compression.ZSTD else 0
-        self._helpers: BlockHelpers | None = None
-        self._block_size = block_size
-        self._buf = bytearray()
         self._hasher = xxhash.xxh3_64()
-        self._pos = 0
-        self._raw_pos = 0
-        self._blocks = 0  # blocks emitted
-        self._cut_blocks = 0  # blocks cut (emitted or with a helper)
-        self._starts: list[int] = []  # file offset of every emitted block, then of the trailer
-        self._raw_cut = 0  # raw bytes in the blocks cut
-        self._finished = False
-        self._aborted = False
-        self._failed: BaseException | None = None
-        self._emit(FILE_HEADER.pack(MAGIC, FORMAT_VERSION, compression.code, 0))
+        self.pos = 0
+        """Bytes emitted so far: the file offset of the next block (or of the trailer)."""
+        self.blocks = 0
+        """Blocks emitted so far."""
+        self.starts: list[int] = []
+        """The file offset of every emitted block, then (after :meth:`finish`) of the trailer."""
+        # Version 1 where it says the same: only zstd files may hold raw blocks (version 2).
+        version = FORMAT_VERSION if compression is Compression.ZSTD else 1
+        self._emit(FILE_HEADER.pack(MAGIC, version, compression.code, 0))
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._hasher.update(data)
         self._sink(data)
-        self._pos += len(data)
+        self.pos += len(data)
 
-    def _write_block(self, stored: bytes | memoryview, raw_len: int, digest: int) -> None:
-        # No copies beyond compression: the header and the payload go to the sink separately.
-        self._starts.append(self._pos)
+    def write_block(self, stored: bytes | memoryview, raw_len: int, digest: int) -> None:
+        """Emit one block: its header and its stored bytes, separately (no copy of the payload)."""
+        self.starts.append(self.pos)
         self._emit(BLOCK_HEADER.pack(len(stored), raw_len, digest))
         self._emit(stored)
-        self._blocks += 1
+        self.blocks += 1
 
-    def _emit_block(self, raw: memoryview) -> None:
-        number = self._cut_blocks
-        self._cut_blocks += 1
-        helpers = self._helpers
-        if helpers is None and self._threads and self._raw_cut >= self._block_size:
-            helpers = self._helpers = BlockHelpers(self._level, self._threads)
-        self._raw_cut += len(raw)
-        if helpers is None:
-            stored = self._compressor.compress(raw) if self._compressor is not None else raw
-            self._write_block(stored, len(raw), xxhash.xxh3_64_intdigest(stored))
-            return
-        # Bound the memory in flight: wait for the oldest blocks before handing over more.
-        self._drain(number - 2 * len(helpers.threads) - 1)
-        helpers.todo.put((number, raw))
+    def finish(self, raw_size: int) -> StateFileSummary:
+        """Emit the trailer (``raw_size``: the raw bytes of all blocks) and detach from the sink."""
+        self.starts.append(self.pos)
+        self._emit(TRAILER.pack(END_MARKER, self.blocks, raw_size))
+        self.close()
+        return StateFileSummary(self.pos, raw_size, format_checksum(self._hasher.intdigest()), self.blocks)
 
-    def _drain(self, until: int) -> None:
-        """Emit finished blocks in order: wait until ``until`` blocks are out, then take what is ready."""
-        helpers = self._helpers
-        if helpers is None:
-            return
-        try:
-            self._take_done(helpers, until)
-        except BaseException as exc:  # a helper's error, or the sink's: the file is lost either way
-            self._fail(exc)
-            raise
-
-    def _take_done(self, helpers: BlockHelpers, until: int) -> None:
-        while True:
-            if self._blocks < until:
-                done = helpers.next_done()
-            else:
-                try:
-                    done = helpers.done.get_nowait()
-                except queue.Empty:
-                    return
-            if done[4] is not None:
-                raise done[4]
-            helpers.ready[done[0]] = done
-            while (block := helpers.ready.pop(self._blocks, None)) is not None:
-                self._write_block(block[1], block[2], block[3])
-
-    def _fail(self, exc: BaseException) -> None:
-        self._failed = exc
-        self._stop_helpers(discard=True)
-
-    def _stop_helpers(self, *, discard: bool) -> None:
-        helpers, self._helpers = self._helpers, None
-        if helpers is not None:
-            helpers.shutdown(discard=discard)
-
-    def _check(self, what: str) -> None:
-        if self._failed is not None:
-            raise StateFileError(f"{what} a state file whose writing failed ({self._failed!r})")
-        if self._aborted or self._finished:
-            raise StateFileError(f"{what} a state file that is already {'aborted' if self._aborted else 'finished'}")
-
-    def _cut(self, *, full_only: bool) -> None:
-        """Emit the buffered bytes as blocks of ``block_size`` (with ``full_only``, keep the remainder)."""
-        buf = self._buf
-        size = self._block_size
-        end = len(buf) - len(buf) % size if full_only else len(buf)
-        if not end:
-            return
-        self._buf = buf[end:]  # a new bytearray; ``buf`` is never resized while views of it exist
-        view = memoryview(buf)
-        for start in range(0, end, size):
-            self._emit_block(view[start : min(start + size, end)])
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append raw bytes; a block is cut whenever ``block_size`` raw bytes are buffered."""
-        self._check("write to")
-        self._buf += data
-        self._raw_pos += len(data)
-        if len(self._buf) >= self._block_size:
-            self._cut(full_only=True)
-
-    @property
-    def compression(self) -> Compression:
-        return self._compression
-
-    def set_threads(self, threads: int) -> None:
-        """Change the number of helper threads for the blocks cut from now on (0: the caller's thread)."""
-        if threads < 0:
-            raise ValueError(f"threads must be >= 0, found {threads}")
-        helpers = self._helpers
-        if helpers is not None and threads != len(helpers.threads):
-            self._drain(self._cut_blocks)
-            self._stop_helpers(discard=False)
-        self._threads = threads if self._compressor is not None else 0
-
-    def tell(self) -> int:
-        """The logical position: raw bytes written so far (operator-state offsets use this)."""
-        return self._raw_pos
-
-    def start_block(self) -> int:
-        """End the current block and return the file offset at which the next block will start.
-
-        Keyed backends call this at every key group; the returned offsets go into the handle. With
-        helper threads it waits until every block cut so far is written (see :meth:`mark_block`).
-        """
-        self._check("start a block in")
-        if self._buf:
-            self._cut(full_only=False)
-        self._drain(self._cut_blocks)
-        return self._pos
-
-    def mark_block(self) -> int:
-        """End the current block like :meth:`start_block`, without waiting for helper threads.
-
-        Returns:
-            The number of the block that starts here; :meth:`block_offset` turns it into the file
-            offset once that block (or, at the end, the trailer) is written.
-        """
-        self._check("start a block in")
-        if self._buf:
-            self._cut(full_only=False)
-        self._drain(0)
-        return self._cut_blocks
-
-    def block_offset(self, number: int) -> int:
-        """The file offset of block ``number`` from :meth:`mark_block` (after :meth:`finish`, always known).
-
-        Raises:
-            StateFileError: that block is not written yet.
-        """
-        if 0 <= number < len(self._starts):
-            return self._starts[number]
-        raise StateFileError(f"the offset of block {number} is not known yet ({self._blocks} blocks written)")
-
-    def finish(self) -> StateFileSummary:
-        """Write the last block and the trailer; the writer cannot be used afterwards."""
-        if self._finished:
-            raise StateFileError("state file finished twice")
-        self._check("finish")
-        if self._buf:
-            self._cut(full_only=False)
-        self._drain(self._cut_blocks)
-        self._stop_helpers(discard=False)
-        self._starts.append(self._pos)
-        self._emit(TRAILER.pack(END_MARKER, self._blocks, self._raw_pos))
-        self._finished = True
-        self._sink = _closed_sink  # the sink is usually a bound method of our owner: no reference cycle
-        return StateFileSummary(self._pos, self._raw_pos, format_checksum(self._hasher.intdigest()), self._blocks)
-
-    def abort(self) -> None:
-        """Stop the helper threads and drop whatever is not written yet. Idempotent."""
-        self._aborted = True
-        self._buf = bytearray()
-        self._stop_helpers(discard=True)
+    def close(self) -> None:
+        """Detach from the sink (usually a bound method of the encoder's owner: no reference cycle)."""
         self._sink = _closed_sink
 
 
@@ -314,12 +220,32 @@ def _closed_sink(data: bytes | memoryview) -> None:
 # --- reading -----------------------------------------------------------------------------------------
 
 
-class ByteSourceLike(Protocol):
-    def describe(self) -> str: ...
+class ByteReader(Protocol):
+    """A forward-only reader of bytes (``keystate.storage.ObjectReader`` is one)."""
 
-    def read_range(self, start: int, length: int) -> bytes: ...
+    def read(self, size: int = -1, /) -> bytes: ...
 
-    def open(self, start: int) -> ObjectReader: ...
+    def close(self) -> None: ...
+
+
+class ByteSource(Protocol):
+    """Where a state file's bytes are: what :class:`StateFileReader` decodes from.
+
+    :class:`BytesSource` holds them in memory; ``keystate.storage.statefile_io.StoreSource`` reads them
+    from an object store.
+    """
+
+    def describe(self) -> str:
+        """The name used in error messages (a path or URI)."""
+        ...
+
+    def read_range(self, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from offset ``start`` (fewer at the end of the file)."""
+        ...
+
+    def open(self, start: int) -> ByteReader:
+        """A reader from offset ``start`` to the end of the file."""
+        ...
 
 
 class BytesSource:
@@ -335,33 +261,14 @@ class BytesSource:
     def read_range(self, start: int, length: int) -> bytes:
         return self._data[start : start + length]
 
-    def open(self, start: int) -> ObjectReader:
-        import io
-
+    def open(self, start: int) -> ByteReader:
         return io.BytesIO(self._data[start:])
-
-
-class StoreSource:
-    """State-file bytes in an object store."""
-
-    def __init__(self, store: ObjectStore, key: str) -> None:
-        self._store = store
-        self._key = key
-
-    def describe(self) -> str:
-        return self._store.describe(self._key)
-
-    def read_range(self, start: int, length: int) -> bytes:
-        return self._store.get_range(self._key, start, length)
-
-    def open(self, start: int) -> ObjectReader:
-        return self._store.open_reader(self._key, start)
 
 
 _READ_CHUNK = 4 << 20
 
 
-def _read_exact(reader: ObjectReader, n: int) -> bytes:
+def _read_exact(reader: ByteReader, n: int) -> bytes:
     chunks: list[bytes] = []
     remaining = n
     while remaining > 0:
@@ -381,25 +288,34 @@ class StateFileReader:
         source: where the bytes are.
         size: the stored size recorded in the handle (``None`` if unknown).
         checksum: the whole-file checksum recorded in the handle (``None`` to skip that check).
-        raw_size: the uncompressed size recorded in the handle (checked against the trailer).
+        raw_size: the uncompressed size recorded in the handle (checked against the trailer, and no
+            read decodes more than this).
         compression: the compression recorded in the handle (checked against the file header).
+        limits: what the file may declare (block and file raw sizes); checked before decoding.
+
+    Every block is checked against the limits and its checksum before it is decompressed, and
+    decompresses into at most its declared raw length; the iterators hold one block at a time.
     """
 
     def __init__(
         self,
-        source: ByteSourceLike,
+        source: ByteSource,
         *,
         size: int | None = None,
         checksum: str | None = None,
         raw_size: int | None = None,
         compression: Compression | None = None,
+        limits: ReadLimits | None = None,
     ) -> None:
         self._source = source
         self._size = size
         self._checksum = checksum
         self._raw_size = raw_size
         self._expected_compression = compression
+        self._limits = limits or ReadLimits()
+        self._max_stored = max_stored_block(self._limits.max_block_raw)
         self._compression: Compression | None = None
+        self._version = FORMAT_VERSION
         self._decompressor = zstandard.ZstdDecompressor()
 
     @property
@@ -414,7 +330,10 @@ class StateFileReader:
             raise self._error(0, f"file header truncated ({len(data)} of {FILE_HEADER.size} bytes)")
         magic, version, code, flags = FILE_HEADER.unpack(data[: FILE_HEADER.size])
         if magic != MAGIC:
-            raise StateFileError(f"{self.name}: not a keystate state file (magic {magic!r}, expected {MAGIC!r})")
+            # Never the bytes found: the file may be anything (a secret, if a path was tampered with).
+            raise StateFileError(
+                f"{self.name}: not a keystate state file (its first {len(MAGIC)} bytes are not the magic {MAGIC!r})"
+            )
         if version not in SUPPORTED_VERSIONS:
             raise UnsupportedStateFileVersionError("state file", version, SUPPORTED_VERSIONS, self.name)
         compression = Compression.from_code(code)
@@ -427,7 +346,24 @@ class StateFileReader:
             )
         if flags != 0:
             raise StateFileError(f"{self.name}: unknown header flags {flags:#x}")
+        self._version = version
         return compression
+
+    def _raw_budget(self) -> int:
+        """The most raw bytes one read may decode: the handle's ``raw_size``, within the file limit.
+
+        Raises:
+            StateFileError: the handle declares more than ``max_file_raw`` (before anything is read).
+        """
+        limit = self._limits.max_file_raw
+        if self._raw_size is None:
+            return limit
+        if self._raw_size > limit:
+            raise StateFileError(
+                f"{self.name}: its handle records {self._raw_size} raw bytes, over the {limit}-byte limit of one "
+                f"state file (ReadLimits.max_file_raw); to read a state file this large, {_LIMITS_HINT}"
+            )
+        return self._raw_size
 
     def header(self) -> Compression:
         """Read and check the file header; returns the file's compression."""
@@ -443,6 +379,11 @@ class StateFileReader:
                 f"computed {actual:016x}); the state file is corrupted"
             )
         if self.header() is Compression.NONE:
+            raw = stored
+        elif self._version >= 2 and len(stored) >= raw_len:
+            # Version 2 stores a block raw when zstd does not make it smaller, and a frame never as large.
+            if len(stored) != raw_len:
+                raise self._error(offset, f"block stores {len(stored)} bytes for {raw_len} raw bytes (more than raw)")
             raw = stored
         else:
             try:
@@ -460,9 +401,11 @@ class StateFileReader:
             raise self._error(offset, f"block decodes to {len(raw)} bytes, header says {raw_len}")
         return raw
 
-    def _blocks(self, reader: ObjectReader, offset: int, end: int | None, hasher: xxhash.xxh3_64 | None,
+    def _blocks(self, reader: ByteReader, offset: int, end: int | None, hasher: xxhash.xxh3_64 | None,
                 trailer: list[tuple[int, int, int]] | None) -> Iterator[tuple[int, bytes]]:  # fmt: skip
         """Yield (file offset, raw block) from ``offset`` until ``end`` (exclusive) or the trailer."""
+        budget = self._raw_budget()
+        max_raw, max_stored = self._limits.max_block_raw, self._max_stored
         while end is None or offset < end:
             head = _read_exact(reader, BLOCK_HEADER.size)
             if len(head) < BLOCK_HEADER.size:
@@ -477,8 +420,23 @@ class StateFileReader:
                     # (block count, total raw length, file size)
                     trailer.append((raw_len, digest, offset + TRAILER.size))
                 return
-            if stored_len > MAX_STORED_BLOCK or raw_len > MAX_RAW_BLOCK:
-                raise self._error(offset, f"block declares {stored_len} stored / {raw_len} raw bytes, over the limit")
+            if stored_len > max_stored or raw_len > max_raw:
+                raise StateFileError(
+                    f"{self.name}: block at offset {offset} declares {stored_len} stored / {raw_len} raw bytes, over "
+                    f"the limit of {max_stored} / {max_raw} (ReadLimits.max_block_raw); the state file is corrupted, "
+                    f"or was written with a larger block size: to read it, {_LIMITS_HINT}"
+                )
+            if raw_len > budget:
+                if self._raw_size is not None:
+                    raise self._error(
+                        offset, f"blocks decode to more than the {self._raw_size} raw bytes its handle records"
+                    )
+                raise StateFileError(
+                    f"{self.name}: block at offset {offset} takes the file past {self._limits.max_file_raw} raw bytes, "
+                    f"the limit of one state file (ReadLimits.max_file_raw); to read a state file this large, "
+                    f"{_LIMITS_HINT}"
+                )
+            budget -= raw_len
             if self._size is not None and offset + BLOCK_HEADER.size + stored_len > self._size:
                 raise self._error(offset, f"block of {stored_len} bytes runs past the file size {self._size}")
             stored = _read_exact(reader, stored_len)
@@ -502,6 +460,7 @@ class StateFileReader:
         Raises:
             StateFileError: the range does not start or end at a block boundary, or a block is damaged.
         """
+        self._raw_budget()
         self.header()
         if start < FILE_HEADER.size or (self._size is not None and start > self._size):
             raise self._error(start, f"offset outside the file's blocks (file size {self._size})")
@@ -523,6 +482,7 @@ class StateFileReader:
             StateFileError: the file is truncated or malformed.
             ChecksumMismatchError: a block or the whole file does not match its checksum.
         """
+        self._raw_budget()
         reader = self._source.open(0)
         try:
             hasher = xxhash.xxh3_64()
@@ -565,7 +525,11 @@ class StateFileReader:
             reader.close()
 
     def read_all(self) -> bytes:
-        """All raw bytes of the file, fully verified."""
+        """All raw bytes of the file, fully verified.
+
+        This holds the whole raw stream (at most ``ReadLimits.max_file_raw``); keystate's own readers
+        iterate the blocks instead.
+        """
         return b"".join(self.iter_blocks())
 
     def verify(self) -> int:
