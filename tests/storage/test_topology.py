@@ -1,4 +1,4 @@
-"""The topology file (DESIGN.md section 8) and key-group arithmetic (Flink's KeyGroupRangeAssignment)."""
+"""The topology file (docs/format.md section 7) and key-group arithmetic (Flink's KeyGroupRangeAssignment)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from keystate.storage import (
     key_group_range_for_subtask,
     operator_index_for_key_group,
 )
-from keystate.storage.keygroups import UPPER_BOUND_MAX_PARALLELISM, check_max_parallelism
+from keystate.storage.format.keygroups import UPPER_BOUND_MAX_PARALLELISM, check_max_parallelism
 
 WHERE = "topology.json"
 
-# Verbatim from DESIGN.md section 8.
+# Verbatim from docs/architecture.md#the-topology-file and docs/format.md section 7.
 DESIGN_EXAMPLE = b"""{"format_version": 1,
  "operators": [
    {"uid": "orders", "parallelism": 2, "max_parallelism": 128, "inputs": []},
@@ -233,6 +233,121 @@ def test_topology_built_in_code_is_validated() -> None:
         Topology((TopologyOperator("a", 1, 0),))
     with pytest.raises(TopologyError, match="not smaller or equal"):
         Topology((TopologyOperator("a", 5, 4),))
+
+
+# --- the Flink extensions: operator_id and chains ---------------------------------------------------
+
+# The fixture job of tests/flink/fixtures/flink-2.3.0 (README.md there): uid -> Flink operator ID.
+SUM_ID = "3dabe40e8766107282aabc02e5d43e7d"
+SOURCE_ID = "e7e5d6fa1a72d1ff475985d1c410c0ef"
+
+
+def flink_doc() -> dict[str, Any]:
+    return {
+        "format_version": 1,
+        "operators": [
+            {"uid": "bounded-source", "operator_id": SOURCE_ID, "parallelism": 2, "inputs": []},
+            {"uid": "map", "parallelism": 2, "inputs": [{"from": "bounded-source", "partitioning": "forward"}]},
+            {"uid": "sum", "operator_id": SUM_ID, "parallelism": 2, "max_parallelism": 64,
+             "inputs": [{"from": "map", "partitioning": "hash"}]},
+            {"uid": "tag", "parallelism": 2, "max_parallelism": 64,
+             "inputs": [{"from": "sum", "partitioning": "forward"}]},
+        ],
+        "chains": [["bounded-source", "map"], ["sum", "tag"]],
+    }  # fmt: skip
+
+
+def test_operator_id_and_chains_parse_and_round_trip() -> None:
+    topology = parse(flink_doc())
+    assert topology.operator("sum").operator_id == SUM_ID
+    assert topology.operator("map").operator_id is None
+    assert topology.chains == (("bounded-source", "map"), ("sum", "tag"))
+    assert [op.uid for op in topology.vertex("tag")] == ["sum", "tag"]
+    assert [[op.uid for op in v] for v in topology.vertices()] == [["bounded-source", "map"], ["sum", "tag"]]
+    again = Topology.from_json_bytes(topology.to_json_bytes(), WHERE)
+    assert again == topology
+    assert json.loads(topology.to_json_bytes()) == flink_doc()
+
+
+def test_the_flink_operator_id_is_the_uid_hash_unless_given() -> None:
+    topology = parse(flink_doc())
+    # bounded-source's given ID happens to be its uid's hash (Flink's default); "sum"'s is another one's.
+    assert topology.operator("bounded-source").flink_operator_id == SOURCE_ID
+    assert topology.operator("sum").flink_operator_id == SUM_ID
+    assert topology.operator("map").flink_operator_id == "23ab3a59b17e9c45f95cff4c728611fc"
+
+
+def test_an_operator_in_no_chain_is_its_own_vertex() -> None:
+    topology = parse(example_doc())
+    assert topology.chains == ()
+    assert [[op.uid for op in v] for v in topology.vertices()] == [["orders"], ["totals"]]
+    assert "chains" not in json.loads(topology.to_json_bytes())
+
+
+def test_upper_case_operator_ids_are_read_as_lower_case() -> None:
+    doc = flink_doc()
+    doc["operators"][2]["operator_id"] = SUM_ID.upper()
+    assert parse(doc).operator("sum").operator_id == SUM_ID
+
+
+def test_a_topology_written_from_a_job_graph_has_neither_extension() -> None:
+    topology = Topology((TopologyOperator("a", 2), TopologyOperator("b", 2, 128, (InputEdge("a", Partitioning.HASH),))))
+    doc = json.loads(topology.to_json_bytes())
+    assert set(doc) == {"format_version", "operators"}
+    assert all("operator_id" not in op for op in doc["operators"])
+
+
+RESCALE_FROM_SUM = {"from": "sum", "partitioning": "rescale"}
+
+
+def flink_hostile(change: Any) -> dict[str, Any]:
+    doc = flink_doc()
+    change(doc)
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (flink_hostile(lambda d: d["operators"][0].update(operator_id="xyz")), "operators[0]: field 'operator_id'"),
+        (flink_hostile(lambda d: d["operators"][0].update(operator_id=SUM_ID[:31])), "field 'operator_id'"),
+        (flink_hostile(lambda d: d["operators"][0].update(operator_id=SUM_ID + "0")), "field 'operator_id'"),
+        (flink_hostile(lambda d: d["operators"][0].update(operator_id="g" * 32)), "field 'operator_id'"),
+        (flink_hostile(lambda d: d["operators"][0].update(operator_id=7)), "field 'operator_id'"),
+        (flink_hostile(lambda d: d["operators"][0].update(operator_id=None)), "field 'operator_id'"),
+        (flink_hostile(lambda d: d["operators"][0].update(operator_id=SUM_ID)), "the same Flink operator ID"),
+        (flink_hostile(lambda d: d["operators"][0].update(operator_id="23ab3a59b17e9c45f95cff4c728611fc")),
+         "operators 'bounded-source' and 'map' have the same Flink operator ID"),
+        (flink_hostile(lambda d: d.update(chains={})), "field 'chains'"),
+        (flink_hostile(lambda d: d.update(chains=["sum"])), "chains[0] must be an array"),
+        (flink_hostile(lambda d: d["chains"].append([])), "chains[2] is empty"),
+        (flink_hostile(lambda d: d["chains"][1].append(7)), "chains[1][2] must be an operator uid"),
+        (flink_hostile(lambda d: d["chains"][1].append("nope")), "chains[1][2]: unknown operator uid 'nope'"),
+        (flink_hostile(lambda d: d["chains"].append(["map"])), "chains[2][0]: operator 'map' is in two chains"),
+        (flink_hostile(lambda d: d["chains"][1].append("sum")), "chains[1][2]: operator 'sum' is in two chains"),
+        (flink_hostile(lambda d: d["operators"][3].update(parallelism=1, inputs=[RESCALE_FROM_SUM])),
+         "chains[1][1]: operator 'tag' has parallelism 1"),
+        (flink_hostile(lambda d: d["operators"][3].pop("max_parallelism")),
+         "chains[1][1]: operator 'tag' has parallelism 2 and max_parallelism None, but its chain head 'sum'"),
+    ],
+)  # fmt: skip
+def test_hostile_flink_extensions(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(TopologyError) as info:
+        parse(doc)
+    assert message in str(info.value), str(info.value)
+    assert str(info.value).startswith(WHERE)
+
+
+def test_flink_extensions_built_in_code_are_validated() -> None:
+    a, b = TopologyOperator("a", 1), TopologyOperator("b", 1)
+    with pytest.raises(TopologyError, match="32 lowercase hex digits"):
+        Topology((TopologyOperator("a", 1, operator_id=SUM_ID.upper()),))
+    with pytest.raises(TopologyError, match="chains\\[0\\] is empty"):
+        Topology((a, b), ((),))
+    with pytest.raises(TopologyError, match="unknown operator uid 'c'"):
+        Topology((a, b), (("a", "c"),))
+    with pytest.raises(TopologyError, match="in two chains"):
+        Topology((a, b), (("a",), ("b", "a")))
 
 
 # --- key groups ---------------------------------------------------------------------------------------
