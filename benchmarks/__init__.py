@@ -1,1 +1,1 @@
-"""keystate benchmarks: each script takes --quick and --json (DESIGN.md section 8)."""
+"""keystate benchmarks: each script takes --quick and --json (the contract in docs/architecture.md#benchmark-json)."""

@@ -1,8 +1,8 @@
 """What every benchmark script shares: result lines and their JSON, timing, the raw zstd-file baseline,
 one-operator checkpoint metadata, operator probes and a local moto S3 server.
 
-The JSON every script prints (DESIGN.md section 8) is ``{"benchmarks": [{"name", "value", "unit",
-"baseline", "ratio"}]}``, ratio higher-is-better.
+The JSON every script prints is ``{"benchmarks": [{"name", "value", "unit", "baseline", "ratio"}]}``,
+ratio higher-is-better (a contract: docs/architecture.md#benchmark-json).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from benchmarks._soak_measure import (
 )
 from keystate.runtime import CheckpointFailureReason
 from keystate.storage.checkpoints import CompletedCheckpoint
-from keystate.storage.metadata import CheckpointKind, OperatorStatus
+from keystate.storage.format.metadata import CheckpointKind, OperatorStatus
 
 
 @dataclass(frozen=True, slots=True)

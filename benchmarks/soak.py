@@ -2,8 +2,8 @@
 
 Not a CI test: a load script to run by hand (``--quick``: 1 minute, about 65 s in all; default 10 minutes).
 
-**The job** (the demo job of DESIGN.md section 9 with more keys and higher rates, built from the demo's own
-``OrderTotals`` and ``ClickCounts`` functions)::
+**The job** (the demo job of docs/architecture.md#the-demo-job with more keys and higher rates, built from
+the demo's own ``OrderTotals`` and ``ClickCounts`` functions)::
 
     orders (bounded, 4 splits, p=2) --hash--> order-totals (keyed, p=2) --\\
                                                                             +--> sink (TransactionalFileSink, p=1)
@@ -48,9 +48,9 @@ committed output must hold every order exactly once and, per page, the click cou
 (no duplicate, no gap), and as many records as the keyed functions processed. A failed check makes the
 exit status 1.
 
-``--json`` prints ``{"benchmarks": [{"name", "value", "unit", "baseline", "ratio"}]}`` (DESIGN.md section 8);
-every ratio is "higher is better" with 1.0 meaning flat / within bound / exact; the entries are explained
-in docs/reliability.md ("Soak").
+``--json`` prints ``{"benchmarks": [{"name", "value", "unit", "baseline", "ratio"}]}``
+(docs/architecture.md#benchmark-json); every ratio is "higher is better" with 1.0 meaning flat / within
+bound / exact; the entries are explained in docs/reliability.md ("Soak").
 
 Run from the repository root: ``python benchmarks/soak.py [--quick] [--minutes M] [--json]``.
 """

@@ -1,4 +1,4 @@
-"""State assignment on restore (Flink's ``StateAssignmentOperation``, reference E4-E7, F2-F5).
+"""State assignment on restore (Flink's ``StateAssignmentOperation``; rules E4-E7, F2-F5 of docs/flink-rules.md).
 
 For each operator of the new job: absent from the checkpoint -> starts empty; ``fully_finished`` ->
 every new subtask is deployed finished-on-restore, whatever the new parallelism; otherwise keyed
@@ -16,8 +16,8 @@ from keystate.runtime.plan import SubtaskId
 from keystate.runtime.task import TaskRestore
 from keystate.statebackend.repartition import assign_keyed_handles, repartition_operator_state
 from keystate.storage.checkpoints import CompletedCheckpoint
-from keystate.storage.metadata import KeyedStateHandle, OperatorStateHandle
-from keystate.storage.topology import Topology, TopologyOperator
+from keystate.storage.format.metadata import KeyedStateHandle, OperatorStateHandle
+from keystate.storage.format.topology import Topology, TopologyOperator
 
 __all__ = ["assign_state", "effective_topology"]
 

@@ -119,9 +119,6 @@ class ChannelReceiver:
                 ch.on_eod_consumed()
         return item
 
-    def has_items(self) -> bool:
-        return bool(self._ch.buffer)
-
     def close(self) -> None:
         """Stop receiving: the sender's next ``send`` raises; waiting senders wake up."""
         ch = self._ch

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from keystate.runtime.events import CheckpointOptions
 from keystate.runtime.plan import SubtaskStatus
-from keystate.storage.metadata import KeyedStateHandle, OperatorStateHandle
+from keystate.storage.format.metadata import KeyedStateHandle, OperatorStateHandle
 
 __all__ = ["CheckpointFailureReason", "PartialFinishingNotSupportedError", "SubtaskSnapshot", "TaskGateway"]
 
@@ -65,4 +65,4 @@ class TaskGateway(Protocol):
 
 
 class PartialFinishingNotSupportedError(Exception):
-    """Union list state while only part of an operator's subtasks finished (reference D3)."""
+    """Union list state while only part of an operator's subtasks finished (docs/flink-rules.md#d3)."""

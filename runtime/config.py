@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from keystate.statebackend.backends import StateBackend
 from keystate.storage.base import ObjectStore
+from keystate.storage.format.statefile import ReadLimits
 from keystate.storage.retry import RetryPolicy
 
 __all__ = ["CheckpointConfig", "JobConfig", "RestartStrategy"]
@@ -33,6 +34,9 @@ class CheckpointConfig:
             to re-drive a ``_metadata`` commit whose outcome is unknown. ``None``: no retries.
         wrap_store: wraps the checkpoint object store before the retry layer, e.g. in a
             ``keystate.storage.faults.FaultyObjectStore`` for fault injection, or for instrumentation.
+        read_limits: what a state file read from the checkpoint storage may declare when the job restores
+            from it after a failure (``ReadLimits``: 16 MiB per block, 4 GiB per file). A checkpoint
+            passed in to restore from is read with the limits of the storage it was loaded from.
     """
 
     interval: float | None = None
@@ -47,6 +51,7 @@ class CheckpointConfig:
     endpoint_url: str | None = None
     retry: RetryPolicy | None = field(default_factory=RetryPolicy)
     wrap_store: Callable[[ObjectStore], ObjectStore] | None = None
+    read_limits: ReadLimits = field(default_factory=ReadLimits)
 
     def __post_init__(self) -> None:
         if self.interval is not None and self.interval <= 0:

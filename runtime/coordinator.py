@@ -1,4 +1,6 @@
-"""The checkpoint coordinator (Flink's ``CheckpointCoordinator`` with FLIP-147, reference B, C7, D, G, H, I).
+"""The checkpoint coordinator (Flink's ``CheckpointCoordinator`` with FLIP-147).
+
+It follows rules B, C7, D, G, H and I of docs/flink-rules.md; the ids below are that page's.
 
 One checkpoint: compute the plan from task statuses -> trigger the planned tasks (finished tasks are
 recorded, not asked) -> collect one acknowledgement per awaited task -> fulfil the finished status
@@ -31,16 +33,16 @@ from keystate.runtime.events import CheckpointOptions
 from keystate.runtime.plan import CheckpointPlan, PlanRejectedError, SubtaskId, calculate_plan
 from keystate.storage.checkpoints import CheckpointStorage, CheckpointWriter, CompletedCheckpoint
 from keystate.storage.errors import CommitOutcomeUnknownError, KeystateError
-from keystate.storage.metadata import (
+from keystate.storage.format.metadata import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointProperties,
     OperatorState,
     SubtaskState,
 )
+from keystate.storage.format.topology import Topology
 from keystate.storage.retention import CompletedCheckpointStore
 from keystate.storage.retry import RetryPolicy
-from keystate.storage.topology import Topology
 
 __all__ = ["CheckpointCoordinator", "CheckpointFailureReason", "SubtaskSnapshot", "TaskGateway"]
 
@@ -50,6 +52,16 @@ _FINAL_RETRY_DELAY = 0.1
 """Seconds before a failed final checkpoint is retried (instead of waiting for the next periodic one)."""
 _ABORTED_KEPT = 64
 """Aborted checkpoints whose late acknowledgements are still cleaned up."""
+
+
+def _log_failure(task: asyncio.Task[object]) -> None:
+    """Retrieve the exception of a background step nobody awaits, and log it once as a warning (else
+    asyncio prints "Task exception was never retrieved" and a traceback when the task is collected)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.warning("background step %s failed: %s: %s", task.get_name(), type(exc).__name__, exc)
 
 
 @dataclass
@@ -116,6 +128,11 @@ class CheckpointCoordinator:
         self.failure_listeners: list[Callable[[int, CheckpointFailureReason, str], None]] = []
         self.completed = 0
         self.latest: CompletedCheckpoint | None = None
+        self.latest_checkpoint: CompletedCheckpoint | None = None
+        """The newest checkpoint (not savepoint) this coordinator completed and retained: what a failover
+        restores. Checkpoints recovered from earlier runs of the job id are retained but never this."""
+        self._recovered = False
+        self._recover_lock = asyncio.Lock()
 
     # --- tasks ---------------------------------------------------------------------------------------
 
@@ -150,6 +167,7 @@ class CheckpointCoordinator:
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
         return task
 
     def _spawn_finalize(self, pending: _Pending) -> None:
@@ -162,6 +180,37 @@ class CheckpointCoordinator:
         self.detach()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+    # --- recovery ------------------------------------------------------------------------------------
+
+    async def recover(self) -> list[CompletedCheckpoint]:
+        """Take the completed checkpoints already under the job's directory into retention, oldest id
+        first, as Flink's ``DefaultCompletedCheckpointStore`` recovers them: checkpoints earlier runs
+        with this job id left (and the one this run restores from, if it is one of them) are then
+        subsumed like this run's own, on the next completed checkpoint and only then. New checkpoint
+        ids continue after the newest one found, so they never collide with a completed one.
+
+        Runs once (later calls return at once); the job runs it before its first deployment. A
+        coordinator used on its own (without ``submit``) runs it only when asked to.
+
+        Returns:
+            The retained checkpoints, oldest first.
+
+        Raises:
+            StorageError: the job's directory could not be listed.
+        """
+        if self._recovered:
+            return self.store.checkpoints
+        async with self._recover_lock:
+            if not self._recovered:
+                recovered = await asyncio.to_thread(self.store.recover)
+                if recovered:
+                    self._next_id = max(self._next_id, recovered[-1].checkpoint_id + 1)
+                    log.info("job %s: retention took in %d completed checkpoints of earlier runs (%s); the next "
+                             "checkpoint id is %d", self.job_id, len(recovered),
+                             ", ".join(str(c.checkpoint_id) for c in recovered), self._next_id)  # fmt: skip
+                self._recovered = True
+        return self.store.checkpoints
 
     # --- triggering ----------------------------------------------------------------------------------
 
@@ -203,7 +252,7 @@ class CheckpointCoordinator:
                   ", ".join(map(str, plan.tasks_to_trigger)))  # fmt: skip
         for sub in plan.tasks_to_trigger:
             if not self._tasks[sub].trigger_checkpoint(checkpoint_id, options):
-                # Reference B7: the task finished between planning and triggering.
+                # Rule B7: the task finished between planning and triggering.
                 self._abort(
                     pending,
                     CheckpointFailureReason.TASK_CHECKPOINT_FAILURE,
@@ -231,9 +280,9 @@ class CheckpointCoordinator:
 
     async def _trigger_quietly(self, *, final: bool = False) -> None:
         """A periodic or final checkpoint: it respects ``max_concurrent`` when it actually starts
-        (other requests may have started between scheduling and now); savepoints do not (reference G1)."""
+        (other requests may have started between scheduling and now); savepoints do not (rule G1)."""
         if self._periodic_stopped:
-            return  # stop-with-savepoint: only its savepoint may commit now (reference G1)
+            return  # stop-with-savepoint: only its savepoint may commit now (rule G1)
         if len(self._pending) >= self.config.max_concurrent:
             if final:
                 self._final_requested = True  # triggered when the pending checkpoints end
@@ -244,7 +293,7 @@ class CheckpointCoordinator:
             log.info("checkpoint failed: %s", exc)
 
     def report_end_of_data(self, sub: SubtaskId) -> None:
-        """A subtask reached end of data (drain). When all did, checkpoint at once (reference C7)."""
+        """A subtask reached end of data (drain). When all did, checkpoint at once (rule C7)."""
         self._end_of_data.add(sub)
         if (
             len(self._end_of_data) == len(self._tasks)
@@ -381,11 +430,12 @@ class CheckpointCoordinator:
                 if newest is not None and newest.checkpoint_id > completed.checkpoint_id:
                     # A newer checkpoint completed first (concurrent checkpoints): this one is subsumed at
                     # once and never reported complete, so lower ids never commit after higher ones
-                    # (reference H2). Flink aborts such a pending checkpoint as CHECKPOINT_SUBSUMED.
+                    # (rule H2). Flink aborts such a pending checkpoint as CHECKPOINT_SUBSUMED.
                     await asyncio.to_thread(self._discard_quietly, completed)
                     self._subsumed(pending, newest.checkpoint_id)
                     return
                 await asyncio.to_thread(self.store.add, completed)
+                self.latest_checkpoint = completed
         self._failures = 0
         self._last_completion = time.monotonic()
         self.completed += 1
@@ -467,6 +517,13 @@ class CheckpointCoordinator:
         return None
 
     @staticmethod
+    def _abort_writer(writer: CheckpointWriter) -> None:
+        try:
+            writer.abort()
+        except (KeystateError, OSError) as exc:  # a full disk, say: the checkpoint is aborted all the same
+            log.warning("could not remove the files of aborted checkpoint %s: %s", writer.location, exc)
+
+    @staticmethod
     def _discard_late(writer: CheckpointWriter, snapshot: SubtaskSnapshot) -> None:
         handles = [h.stream for h in snapshot.keyed] + [h.stream for h in snapshot.operator]
         try:
@@ -508,7 +565,7 @@ class CheckpointCoordinator:
             task = self._tasks.get(sub)
             if task is not None:
                 task.notify_checkpoint_aborted(pending.checkpoint_id)
-        self._spawn(asyncio.to_thread(pending.writer.abort), f"abort-{pending.checkpoint_id}")
+        self._spawn(asyncio.to_thread(self._abort_writer, pending.writer), f"abort-{pending.checkpoint_id}")
         for listener in self.failure_listeners:
             listener(pending.checkpoint_id, reason, message)
         if not pending.future.done():
@@ -531,7 +588,7 @@ class CheckpointCoordinator:
             and self._final_retry is None
         ):
             # The final checkpoint failed: retry soon instead of leaving every task that reached end
-            # of data waiting for the next periodic checkpoint (which may be far away, reference E3).
+            # of data waiting for the next periodic checkpoint (which may be far away; see rule C7).
             delay = max(self.config.min_pause, _FINAL_RETRY_DELAY)
             self._final_retry = asyncio.get_running_loop().call_later(delay, self._retry_final)
 

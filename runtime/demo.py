@@ -1,4 +1,4 @@
-"""The demo job (DESIGN.md section 9): a bounded and an unbounded source, keyed state, a 2PC sink.
+"""The demo job (docs/architecture.md#the-demo-job): a bounded and an unbounded source, keyed state, a 2PC sink.
 
 ::
 
@@ -32,7 +32,7 @@ from keystate.statebackend.serializers import IntSerializer
 from keystate.statebackend.state import ValueState, ValueStateDescriptor
 from keystate.storage.base import ObjectStore, join_key
 from keystate.storage.checkpoints import CompletedCheckpoint
-from keystate.storage.metadata import OperatorStatus
+from keystate.storage.format.metadata import OperatorStatus
 from keystate.storage.uri import open_storage
 
 __all__ = ["build_demo_job", "run_demo"]
@@ -103,7 +103,12 @@ def _describe(checkpoint: CompletedCheckpoint) -> str:
             parts.append(f"{op.uid}: finished {op.finished_subtasks}")
     state = checkpoint.metadata.total_state_bytes
     finished = "; ".join(parts) if parts else "all running"
-    return f"{checkpoint.kind} {checkpoint.checkpoint_id} complete, {state:,} state bytes, {finished}"
+    return f"{checkpoint.kind} {checkpoint.checkpoint_id} complete, {_count(state, 'state byte')}, {finished}"
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless ``n`` is 1 (as ``keystate.tools.render.plural``, which is above)."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _committed(store: ObjectStore, prefix: str) -> tuple[int, int]:
@@ -149,7 +154,7 @@ async def run_demo(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGINT)
     files, records = await asyncio.to_thread(_committed, storage.store, join_key(storage.base, "output"))
-    out(f"committed output: {records:,} records in {files} files under {output}/")
+    out(f"committed output: {_count(records, 'record')} in {_count(files, 'file')} under {output}/")
     out(f"savepoint: {savepoint.location}")
     out(f"inspect it:  keystate inspect {savepoint.location}")
     out(f"list all:    keystate list {storage.location}")

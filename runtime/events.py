@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from keystate.storage.metadata import CheckpointKind
+from keystate.storage.format.metadata import CheckpointKind
 
 __all__ = [
     "END_OF_PARTITION",

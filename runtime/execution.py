@@ -29,9 +29,10 @@ from keystate.runtime.restore_rules import check_restore
 from keystate.runtime.task import Task, TaskRestore
 from keystate.statebackend.backends import StateBackend, state_backend
 from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
+from keystate.storage.errors import KeystateError
+from keystate.storage.format.topology import Topology
 from keystate.storage.retry import with_retries
 from keystate.storage.streams import StreamOptions
-from keystate.storage.topology import Topology
 from keystate.storage.uri import open_storage, open_store, parse_location
 
 __all__ = ["JobClient", "JobResult", "JobStatus", "load_checkpoint", "run_job", "submit"]
@@ -138,6 +139,7 @@ class _Execution:
             with_retries(store, ckpt.retry),
             location.path,
             options=StreamOptions(inline_threshold=ckpt.inline_threshold),
+            read_limits=ckpt.read_limits,
         )
         self.backend: StateBackend = (
             state_backend(config.state_backend) if isinstance(config.state_backend, str) else config.state_backend
@@ -262,6 +264,24 @@ class _Execution:
         attempt = 0
         restore = assign_state(self.initial_restore, self.topology.operators) if self.initial_restore else {}
         try:
+            # Before anything runs: checkpoints earlier runs with this job id left are retained (and
+            # subsumed) like this run's own, and new ids continue after theirs.
+            try:
+                await self.coordinator.recover()
+            except KeystateError as exc:
+                if not self.config.checkpoint.enabled:
+                    # No periodic checkpoints: a job that may never write one does not fail for this.
+                    log.warning("job %s: cannot read its earlier checkpoints: %s", self.job_id, exc)
+                else:
+                    self.status = JobStatus.FAILED
+                    storage = self.coordinator.storage
+                    where = storage.store.describe(storage.job_directory(self.job_id))
+                    error = JobFailedError(
+                        f"job {self.job_id} cannot start: the completed checkpoints under {where} cannot be "
+                        f"listed ({exc}); fix the storage and start the job again"
+                    )
+                    error.__cause__ = exc
+                    return self._result(attempt, error)
             while True:
                 try:
                     await self._attempt(attempt, restore)
@@ -286,7 +306,9 @@ class _Execution:
                     return self._result(attempt)
                 attempt += 1
                 await asyncio.sleep(self.config.restart.delay)
-                latest = self.coordinator.store.latest() or self.initial_restore
+                # This run's newest checkpoint, else what it started from: never a checkpoint an earlier run
+                # with this job id left (retention keeps those, but this run did not start from them).
+                latest = self.coordinator.latest_checkpoint or self.initial_restore
                 restore = assign_state(latest, self.topology.operators) if latest is not None else {}
         finally:
             await self.coordinator.close()

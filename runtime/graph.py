@@ -6,7 +6,7 @@
     orders = job.source(SequenceSource(10_000), uid="orders", parallelism=2)
     totals = orders.key_by(lambda o: o["user"]).process(Totals(), uid="totals", parallelism=2)
     totals.sink(TransactionalFileSink("./out"), uid="sink")
-    job.topology()      # the topology file of DESIGN.md section 8
+    job.topology()      # the topology file (docs/architecture.md#the-topology-file)
 
 Every operator has an explicit, stable ``uid``: state is matched to operators by uid on restore.
 An edge is ``forward`` by default when both sides have the same parallelism, else ``rebalance``;
@@ -32,8 +32,8 @@ from keystate.runtime.operators import (
 from keystate.runtime.sources import Source, SourceOperator
 from keystate.statebackend.serializers import Serializer
 from keystate.storage.errors import TopologyError
-from keystate.storage.keygroups import default_max_parallelism
-from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from keystate.storage.format.keygroups import default_max_parallelism
+from keystate.storage.format.topology import InputEdge, Partitioning, Topology, TopologyOperator
 
 __all__ = ["DataStream", "InputSpec", "JobGraph", "KeyedStream", "OperatorSpec"]
 
@@ -127,7 +127,8 @@ class JobGraph:
         return self._add(OperatorSpec(uid, p, operator, specs, max_parallelism, key_serializer))
 
     def topology(self) -> Topology:
-        """The topology (DESIGN.md section 8), validated: no cycles, forward edges of equal parallelism."""
+        """The topology (as in the topology file, docs/format.md section 7), validated: no cycles, forward edges of
+        equal parallelism."""
         return Topology(
             tuple(
                 TopologyOperator(

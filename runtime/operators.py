@@ -1,4 +1,4 @@
-"""Operators: the user logic a task runs, with Flink's lifecycle (reference J1, J2).
+"""Operators: the user logic a task runs, with Flink's lifecycle (rules J1, J2 of docs/flink-rules.md).
 
 Order per subtask: ``setup`` -> ``initialize_state`` -> ``open`` -> ``process`` ... ->
 ``end_input`` (drain only) -> ``finish`` (drain only) -> ``snapshot_state`` for the final checkpoint

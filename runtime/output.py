@@ -12,12 +12,11 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-import xxhash
-
 from keystate.runtime.channels import ChannelSender
+from keystate.statebackend.keygroups import KEY_GROUP_DIGEST, assign_key_group
 from keystate.statebackend.serializers import KeySerializer, Serializer
-from keystate.storage.keygroups import operator_index_for_key_group
-from keystate.storage.topology import Partitioning
+from keystate.storage.format.keygroups import operator_index_for_key_group
+from keystate.storage.format.topology import Partitioning
 
 __all__ = ["Output", "OutputEdge"]
 
@@ -62,7 +61,7 @@ class OutputEdge:
         if self.partitioning is Partitioning.HASH:
             assert self.key_selector is not None
             maxp = self.downstream_max_parallelism
-            kg = xxhash.xxh3_64_intdigest(self.key_serializer.serialize(self.key_selector(record))) % maxp
+            kg = assign_key_group(self.key_serializer.serialize(self.key_selector(record)), maxp)
             return [operator_index_for_key_group(maxp, self.downstream_parallelism, kg)]
         if self.partitioning is Partitioning.BROADCAST:
             return list(self.targets)
@@ -83,10 +82,10 @@ class OutputEdge:
             assert self.key_selector is not None
             maxp, p = self.downstream_max_parallelism, self.downstream_parallelism
             table = [appends[operator_index_for_key_group(maxp, p, kg)] for kg in range(maxp)]
-            select, serialize, digest = self.key_selector, self.key_serializer.serialize, xxhash.xxh3_64_intdigest
+            select, serialize, digest = self.key_selector, self.key_serializer.serialize, KEY_GROUP_DIGEST
 
             def by_key(record: Any) -> None:
-                table[digest(serialize(select(record))) % maxp](record)
+                table[digest(serialize(select(record))) % maxp](record)  # assign_key_group(), inlined
 
             return by_key
         if len(self.targets) == 1:

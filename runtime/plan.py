@@ -1,4 +1,4 @@
-"""The checkpoint plan: which tasks to trigger, wait for, and notify (reference B1-B5).
+"""The checkpoint plan: which tasks to trigger, wait for, and notify (rules B1-B5 of docs/flink-rules.md).
 
 With no finished task, every source subtask is triggered and every subtask is awaited. Once some
 tasks finished (FLIP-147), the plan triggers exactly the running tasks with no running predecessor:
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from keystate.storage.topology import Topology
+from keystate.storage.format.topology import Topology
 
 __all__ = [
     "CheckpointPlan",
@@ -46,14 +46,14 @@ class PlanRejectedError(Exception):
 
 
 def pointwise_sources(index: int, upstream: int, downstream: int) -> list[int]:
-    """Upstream subtasks a pointwise consumer ``index`` reads from (reference B5)."""
+    """Upstream subtasks a pointwise consumer ``index`` reads from (rule B5)."""
     if upstream >= downstream:
         return list(range(index * upstream // downstream, (index + 1) * upstream // downstream))
     return [j for j in range(upstream) if index in pointwise_targets(j, upstream, downstream)]
 
 
 def pointwise_targets(index: int, upstream: int, downstream: int) -> list[int]:
-    """Downstream subtasks a pointwise producer ``index`` writes to (reference B5)."""
+    """Downstream subtasks a pointwise producer ``index`` writes to (rule B5)."""
     if upstream >= downstream:
         return [i for i in range(downstream) if i * upstream // downstream <= index < (i + 1) * upstream // downstream]
     start = (index * downstream + upstream - 1) // upstream

@@ -1,4 +1,4 @@
-"""Two-phase-commit sinks (Flink's ``TwoPhaseCommitSinkFunction``, reference H2-H3).
+"""Two-phase-commit sinks (Flink's ``TwoPhaseCommitSinkFunction``; rules H2-H3 of docs/flink-rules.md).
 
 Each checkpoint closes the current transaction (pre-commit) and records it in state under the
 checkpoint id; ``notify_checkpoint_complete(n)`` commits every pending transaction up to ``n``. The
@@ -99,7 +99,7 @@ class TwoPhaseCommitSink(Operator):
         self._finished = True
         if not self.ctx.checkpointing and self._current is not None:
             # No checkpoint will follow: commit the last transaction now, as Flink's committer does
-            # at end of input when checkpointing is off (reference H4). Without checkpoints there is
+            # at end of input when checkpointing is off (rule H4). Without checkpoints there is
             # no exactly-once anyway: a failover restarts the job from scratch.
             transaction, self._current = self._current, None
             await self.commit(transaction, await self.pre_commit(transaction))

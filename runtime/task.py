@@ -1,4 +1,4 @@
-"""A task: one subtask of one operator, running as one asyncio task (reference C, E5, G2-G4, I6).
+"""A task: one subtask of one operator, running as one asyncio task (rules C, E5, G2-G4, I6 of docs/flink-rules.md).
 
 The task reads its input gate and its mailbox (checkpoint triggers and notifications from the
 coordinator) through one wakeup event. Barriers are aligned: a channel that delivered barrier *n* is
@@ -43,8 +43,8 @@ from keystate.statebackend.operator_state import OperatorSnapshot
 from keystate.statebackend.state import KeyedSnapshot, KeyedStateBackend
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
 from keystate.storage.errors import KeystateError
-from keystate.storage.keygroups import key_group_range_for_subtask
-from keystate.storage.metadata import KeyedStateHandle, OperatorStateHandle
+from keystate.storage.format.keygroups import key_group_range_for_subtask
+from keystate.storage.format.metadata import KeyedStateHandle, OperatorStateHandle
 
 if TYPE_CHECKING:
     from keystate.runtime.coordinator import CheckpointCoordinator
@@ -226,7 +226,7 @@ class Task:
                 await asyncio.to_thread(operator_backend.restore, [(checkpoint, h) for h in restore.operator])
         self._operator = spec.create_operator()
         if self._finished_on_restore:
-            return  # reference E5: no initializeState/open/finish/close for a finished-on-restore task
+            return  # rule E5: no initializeState/open/finish/close for a finished-on-restore task
         ctx = OperatorContext(
             uid=spec.uid,
             subtask_index=index,
@@ -252,7 +252,7 @@ class Task:
         operator, self._operator = self._operator, None
         try:
             if operator is not None and self._opened and self.state is not TaskState.FINISHED:
-                await operator.close()  # close() runs on failure and cancel too (reference J1)
+                await operator.close()  # close() runs on failure and cancel too (rule J1)
         except Exception:
             log.exception("task %s: close() failed during cleanup", self.name)
         finally:
@@ -369,13 +369,13 @@ class Task:
             if drained and self._opened and self._operator is not None:
                 await self._operator.end_input(input_index)
         if all(e is not None for e in gate.end_of_data):
-            # The drain flag is the AND over every channel (reference C2).
+            # The drain flag is the AND over every channel (rule C2).
             drain = all(e.mode is StopMode.DRAIN for e in gate.end_of_data if e is not None)
             await self._end_data(StopMode.DRAIN if drain else StopMode.NO_DRAIN)
         await self._maybe_complete_alignment()
 
     async def _end_data(self, mode: StopMode) -> None:
-        """Reference C4: (drain) MAX_WATERMARK and finish(); then EndOfData downstream."""
+        """Rule C4: (drain) MAX_WATERMARK and finish(); then EndOfData downstream."""
         if self._end_of_data_sent:
             return
         if mode is StopMode.DRAIN:
@@ -396,7 +396,7 @@ class Task:
     async def _on_barrier(self, channel: int, barrier: Barrier) -> None:
         checkpoint_id = barrier.checkpoint_id
         if checkpoint_id <= self._last_checkpoint or checkpoint_id in self._aborted:
-            return  # out of order or aborted previously (reference I6)
+            return  # out of order or aborted previously (rule I6)
         if self._aligning is None or checkpoint_id > self._aligning:
             if self._aligning is not None:
                 log.info("%s: barrier %d before alignment of %d completed; skipping %d",
@@ -442,11 +442,11 @@ class Task:
         if checkpoint_id <= self._last_checkpoint or checkpoint_id in self._aborted:
             return
         if options.synchronous and not self._end_of_data_sent:
-            # Reference G2: a source stops first, so the savepoint barrier follows its EndOfData.
+            # Rule G2: a source stops first, so the savepoint barrier follows its EndOfData.
             await self._end_data(StopMode.DRAIN if options.drain else StopMode.NO_DRAIN)
         if self._aligning is not None:
             self._cancel_alignment()
-        # A non-source task is triggered only when all its inputs finished (reference B8): every
+        # A non-source task is triggered only when all its inputs finished (rule B8): every
         # channel counts as aligned, so it checkpoints like a source.
         await self._perform_checkpoint(checkpoint_id, options)
 
@@ -461,14 +461,14 @@ class Task:
         if (sync is not None and checkpoint_id == sync) or (
             sync is None and self._final_min_id is not None and checkpoint_id >= self._final_min_id
         ):
-            self._final_done = True  # reference C5
+            self._final_done = True  # rule C5
 
     async def _on_aborted(self, checkpoint_id: int) -> None:
         self._aborted.add(checkpoint_id)
         if self._aligning == checkpoint_id:
             self._cancel_alignment()
         if checkpoint_id == self._sync_savepoint_id:
-            raise StopWithSavepointError("Stop-with-savepoint failed.")  # reference G4: fail over
+            raise StopWithSavepointError("Stop-with-savepoint failed.")  # rule G4: fail over
         if self._opened and self._operator is not None:
             await self._operator.notify_checkpoint_aborted(checkpoint_id)
 
@@ -559,7 +559,7 @@ class Task:
             await self._wakeup.wait()
 
     async def _after_invoke(self) -> None:
-        """Reference C6: wait for the final checkpoint (serving the mailbox), then close."""
+        """Rule C6: wait for the final checkpoint (serving the mailbox), then close."""
         if self._end_of_data_sent and self._wait_final:
             await self._wait_until(lambda: self._output.all_end_of_data_consumed() and self._final_done)
         elif self._sync_savepoint_id is not None:

@@ -4,47 +4,81 @@ Atomic writes follow zarr's local store and Flink's ``FsCheckpointMetadataOutput
 a temp file in the target directory, are fsynced, and are then moved into place. ``PutMode.CREATE``
 uses ``os.link``, which fails if the target exists (``os.rename`` would replace it silently), so two
 writers can never both create the same key. The directory is fsynced afterwards so the new name is
-durable too. Temp files start with ``.tmp-`` and are never listed.
+durable too. Temp files start with ``.tmp-`` and are never listed; a write that fails at any step
+(write, fsync, close, link) or is aborted removes its temp file.
+
+Containment: the root is resolved once, when the store is created (it may itself be a symbolic link,
+to a mounted volume say). Below it no link is ever followed, not even one pointing back inside. Every
+operation opens the root, then each directory on the key's path relative to its parent's descriptor
+with ``O_NOFOLLOW`` (``openat``), and does its final open, stat, link, unlink, mkdir or listing relative
+to the last one (``dir_fd=``), never through a path string; a link met anywhere on the way raises
+``UnsafeLinkError``, so a directory swapped for a link between two operations is refused, not
+followed. Listings skip links. No directory descriptor outlives one operation but a streaming writer's
+(its temp file lives there), and that one is checked against a fresh walk before the object is linked
+into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import shutil
 import stat
+import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
 from keystate.storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode, validate_key
-from keystate.storage.errors import AlreadyExistsError, NotFoundError, StorageAccessDeniedError, StorageError
+from keystate.storage.errors import (
+    AlreadyExistsError,
+    KeystateError,
+    NotFoundError,
+    StorageAccessDeniedError,
+    StorageError,
+    UnsafeLinkError,
+)
 
 __all__ = ["LocalObjectStore"]
 
+log = logging.getLogger(__name__)
+
 TEMP_PREFIX = ".tmp-"
 
+# A directory on a key's path: never through a link, never inherited by a child process.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# An object opened for reading; O_NONBLOCK so that a FIFO in its place cannot block the open itself.
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+# A new temp file: O_EXCL refuses any existing entry, a link included.
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# What an open with O_NOFOLLOW fails with on a link: ELOOP, ENOTDIR with O_DIRECTORY (Linux), EMLINK
+# (FreeBSD). Each also has other causes, so the entry is looked at before a link is reported.
+_LINK_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR, errno.EMLINK})
+# linkat without AT_SYMLINK_FOLLOW where the platform can say so: a temp file swapped for a link would
+# be published as that link (which every read refuses), never as a second name of its target.
+_LINK_FOLLOWS = os.link not in os.supports_follow_symlinks
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+
+def _fsync_dir(fd: int) -> None:
+    """Make a directory's entries durable (a separate function: the crash tests stop the process here)."""
+    os.fsync(fd)
 
 
 class LocalObjectStore(ObjectStore):
-    """Objects as files under a root directory.
+    """Objects as files under a root directory that no operation leaves (see the module docstring).
 
     Args:
-        root: the directory keys are relative to; created on first write.
+        root: the directory keys are relative to; created on first write. Resolved here, once: it may
+            be a symbolic link itself; nothing below it may (``UnsafeLinkError``).
         fsync: fsync files and directories on every completed write. Turning it off is only for
             tests and benchmarks that measure the cost of durability.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
-        self._root = Path(os.path.abspath(root))
+        self._root = Path(os.path.realpath(root))
         self._fsync = fsync
 
     @property
@@ -57,10 +91,9 @@ class LocalObjectStore(ObjectStore):
     def describe(self, key: str = "") -> str:
         return str(self._root / key) if key else str(self._root)
 
-    def _path(self, key: str) -> Path:
-        return self._root / validate_key(key)
-
     def _fail(self, exc: OSError, action: str, key: str) -> NoReturn:
+        if isinstance(exc, KeystateError):
+            raise exc  # raised by this store already, with its own message (NotFoundError, AlreadyExistsError)
         where = self.describe(key)
         if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
             raise NotFoundError(f"cannot {action} {where}: no such object") from exc
@@ -68,27 +101,128 @@ class LocalObjectStore(ObjectStore):
             raise StorageAccessDeniedError(
                 f"cannot {action} {where}: permission denied; check the directory's owner and mode"
             ) from exc
-        if exc.errno == errno.ENOSPC:
-            raise StorageError(f"cannot {action} {where}: no space left on device; free disk space") from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            full = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+            raise StorageError(f"cannot {action} {where}: {full}; free disk space") from exc
         raise StorageError(f"cannot {action} {where}: {exc.strerror or exc}") from exc
+
+    # --- walking: every path is opened component by component from the root, never followed ----------
+
+    def _link_error(self, action: str, key: str, link: str) -> UnsafeLinkError:
+        what = "it is" if link == key else f"{self.describe(link)} on its path is"
+        return UnsafeLinkError(
+            f"cannot {action} {self.describe(key)}: {what} a symbolic link; keystate does not follow links in "
+            f"checkpoint storage (below {self._root}); put the directory or file itself in place of the link"
+        )
+
+    @staticmethod
+    def _is_link(parent: int, name: str) -> bool:
+        try:
+            return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+        except OSError:
+            return False
+
+    def _open_root(self, action: str, key: str, *, create: bool = False) -> int:
+        """A descriptor of the root; the root (but none of its ancestors) must still not be a link."""
+        try:
+            return os.open(self._root, _DIR_FLAGS)
+        except FileNotFoundError:
+            if not create:
+                raise
+        except OSError as exc:
+            if exc.errno in _LINK_ERRNOS and self._root.is_symlink():
+                raise UnsafeLinkError(
+                    f"cannot {action} {self.describe(key)}: the storage root {self._root} has become a symbolic "
+                    "link since the store was opened (it is resolved once, then never followed); open the "
+                    "storage again"
+                ) from exc
+            raise
+        missing: list[Path] = []
+        d = self._root
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            if self._fsync:
+                fd = os.open(d.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    _fsync_dir(fd)
+                finally:
+                    os.close(fd)
+        return os.open(self._root, _DIR_FLAGS)
+
+    def _open_child(
+        self, parent: int, parts: Sequence[str], index: int, action: str, key: str, *, create: bool = False
+    ) -> int:
+        """Open directory ``parts[index]`` in ``parent`` (made, and its entry fsynced, if ``create``)."""
+        name = parts[index]
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+        except OSError as exc:
+            if exc.errno in _LINK_ERRNOS and self._is_link(parent, name):
+                raise self._link_error(action, key, "/".join(parts[: index + 1])) from exc
+            raise
+        try:
+            os.mkdir(name, dir_fd=parent)
+        except FileExistsError:
+            pass  # another writer made it meanwhile (or something else is there now: the open tells)
+        else:
+            if self._fsync:
+                _fsync_dir(parent)
+        return self._open_child(parent, parts, index, action, key)
+
+    def _open_dir(self, parts: Sequence[str], action: str, key: str, *, create: bool = False) -> int:
+        """A descriptor of the directory ``parts`` below the root, reached one ``openat`` at a time."""
+        fd = self._open_root(action, key, create=create)
+        for index, name in enumerate(parts):
+            try:
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)  # the common case, inline: one openat
+                except OSError:
+                    child = self._open_child(fd, parts, index, action, key, create=create)
+            finally:
+                os.close(fd)
+            fd = child
+        return fd
+
+    @contextlib.contextmanager
+    def _parent(self, key: str, action: str, *, create: bool = False) -> Iterator[tuple[int, str]]:
+        """The descriptor of ``key``'s directory and the key's last segment, for one operation."""
+        *parts, name = validate_key(key).split("/")
+        fd = self._open_dir(parts, action, key, create=create)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _segments(prefix: str) -> list[str]:
+        return validate_key(prefix).split("/") if prefix else []
 
     # --- reads ---------------------------------------------------------------------------------------
 
     def _open_regular(self, key: str) -> BinaryIO:
-        """Open an object for reading: a regular file, not followed through a final symlink.
+        """Open an object for reading: a regular file, reached without following any link.
 
-        A FIFO or device in its place would block or stream forever, and a symlink could point
-        outside the checkpoint; neither is an object keystate wrote, so both are refused.
+        A FIFO or device in its place would block or stream forever, and a link could point outside
+        the root; neither is an object keystate wrote, so both are refused.
         """
-        path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            with self._parent(key, "read") as (parent, name):
+                try:
+                    fd = os.open(name, _READ_FLAGS, dir_fd=parent)
+                except OSError as exc:
+                    if exc.errno in _LINK_ERRNOS and self._is_link(parent, name):
+                        raise self._link_error("read", key, key) from exc
+                    raise
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise StorageError(
-                    f"cannot read {self.describe(key)}: it is a symbolic link; keystate does not follow links "
-                    "inside checkpoint storage"
-                ) from exc
             self._fail(exc, "read", key)
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
@@ -129,121 +263,225 @@ class LocalObjectStore(ObjectStore):
         return f
 
     def size(self, key: str) -> int:
-        path = self._path(key)
         try:
-            st = path.lstat()
+            with self._parent(key, "stat") as (parent, name):
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except OSError as exc:
             self._fail(exc, "stat", key)
         if stat.S_ISDIR(st.st_mode):
             raise NotFoundError(f"{self.describe(key)} is a directory, not an object")
+        if stat.S_ISLNK(st.st_mode):
+            raise self._link_error("stat", key, key)
         if not stat.S_ISREG(st.st_mode):
-            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
             raise StorageError(
-                f"{self.describe(key)} is {kind}; keystate only reads regular files it wrote (links are not followed)"
+                f"{self.describe(key)} is not a regular file; keystate only reads regular files it wrote"
             )
         return st.st_size
 
     # --- writes --------------------------------------------------------------------------------------
 
-    def _makedirs(self, directory: Path) -> None:
-        """Create ``directory`` and its missing parents, fsyncing each new entry's parent."""
-        missing: list[Path] = []
-        d = directory
-        while not d.exists():
-            missing.append(d)
-            d = d.parent
-        for d in reversed(missing):
-            try:
-                d.mkdir()
-            except FileExistsError:
-                continue
-            if self._fsync:
-                _fsync_dir(d.parent)
+    def _discard_temp(self, parent: int, tmp: str, key: str) -> None:
+        """Remove the temp file of a write that failed or completed. A failure here is only logged: the
+        write's own outcome (its error, or the object in place) is what the caller is told."""
+        try:
+            os.unlink(tmp, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove temp file %s of %s: %s", tmp, self.describe(key), exc.strerror or exc)
 
-    def _write_temp(self, path: Path, write: Callable[[BinaryIO], object]) -> Path:
-        self._makedirs(path.parent)
-        tmp = path.parent / f"{TEMP_PREFIX}{path.name}-{uuid.uuid4().hex[:12]}"
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            if self._fsync:
-                os.fsync(f.fileno())
+    def _write_temp(self, parent: int, name: str, write: Callable[[BinaryIO], object], key: str) -> str:
+        """Write a durable temp file beside ``name`` in ``parent``; returns its name. Removed on failure."""
+        tmp = f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
+        fd = os.open(tmp, _TEMP_FLAGS, 0o666, dir_fd=parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                if self._fsync:
+                    os.fsync(f.fileno())
+        except BaseException:
+            self._discard_temp(parent, tmp, key)
+            raise
         return tmp
 
-    def _publish(self, tmp: Path, path: Path, mode: PutMode, key: str) -> None:
-        exists = False
-        try:
-            if mode is PutMode.CREATE:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    exists = True
-                finally:
-                    os.unlink(tmp)
-            else:
-                os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            self._fail(exc, "write", key)
-        if exists:
-            raise AlreadyExistsError(f"{self.describe(key)} already exists; a create-only write never replaces it")
+    def _publish(self, parent: int, tmp: str, name: str, mode: PutMode, key: str) -> None:
+        """Move a complete temp file in ``parent`` into place; the temp name is gone afterwards."""
+        if mode is PutMode.CREATE:
+            try:
+                os.link(tmp, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=_LINK_FOLLOWS)
+            except FileExistsError:
+                raise AlreadyExistsError(
+                    f"{self.describe(key)} already exists; a create-only write never replaces it"
+                ) from None
+            finally:
+                self._discard_temp(parent, tmp, key)
+        else:
+            try:
+                os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                self._discard_temp(parent, tmp, key)
+                raise
         if self._fsync:
-            _fsync_dir(path.parent)
+            _fsync_dir(parent)
+
+    def _publish_from(self, held: int, parts: Sequence[str], tmp: str, name: str, mode: PutMode, key: str) -> None:
+        """Publish a streaming writer's temp file, which lies in ``held``, if a fresh walk from the root
+        still reaches that directory: one moved or replaced during the write never receives the object."""
+        fresh = self._open_dir(parts, "write", key)
+        try:
+            now, then = os.fstat(fresh), os.fstat(held)
+            if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
+                raise StorageError(
+                    f"cannot write {self.describe(key)}: its directory was moved or replaced while the object was "
+                    "being written; nothing is visible"
+                )
+            self._publish(fresh, tmp, name, mode, key)
+        finally:
+            os.close(fresh)
 
     def put(self, key: str, data: bytes, mode: PutMode = PutMode.OVERWRITE) -> None:
-        path = self._path(key)
-        if mode is PutMode.CREATE and path.exists():
-            raise AlreadyExistsError(f"{self.describe(key)} already exists; a create-only write never replaces it")
         try:
-            tmp = self._write_temp(path, lambda f: f.write(data))
+            with self._parent(key, "write", create=True) as (parent, name):
+                if mode is PutMode.CREATE and self._entry_exists(parent, name):
+                    raise AlreadyExistsError(
+                        f"{self.describe(key)} already exists; a create-only write never replaces it"
+                    )
+                tmp = self._write_temp(parent, name, lambda f: f.write(data), key)
+                self._publish(parent, tmp, name, mode, key)
         except OSError as exc:
             self._fail(exc, "write", key)
-        self._publish(tmp, path, mode, key)
+
+    @staticmethod
+    def _entry_exists(parent: int, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
 
     def open_writer(self, key: str, mode: PutMode = PutMode.OVERWRITE) -> ObjectWriter:
-        path = self._path(key)
+        *parts, name = validate_key(key).split("/")
         try:
-            self._makedirs(path.parent)
-            tmp = path.parent / f"{TEMP_PREFIX}{path.name}-{uuid.uuid4().hex[:12]}"
-            f = open(tmp, "xb")  # noqa: SIM115 - owned by the writer
+            parent = self._open_dir(parts, "write", key, create=True)
         except OSError as exc:
             self._fail(exc, "write", key)
-        return _LocalWriter(self, key, path, tmp, f, mode)
+        tmp = f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
+        try:
+            fd = os.open(tmp, _TEMP_FLAGS, 0o666, dir_fd=parent)
+        except OSError as exc:
+            os.close(parent)
+            self._fail(exc, "write", key)
+        return _LocalWriter(self, key, parts, parent, name, tmp, os.fdopen(fd, "wb"), mode)
 
     def delete(self, key: str) -> None:
         try:
-            self._path(key).unlink()
-        except FileNotFoundError:
+            with self._parent(key, "delete") as (parent, name):
+                os.unlink(name, dir_fd=parent)  # a link is removed itself, never what it points to
+        except (FileNotFoundError, NotADirectoryError):
             return
         except OSError as exc:
             self._fail(exc, "delete", key)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete several objects, one walk per directory rather than per key; missing ones are skipped."""
+        by_dir: dict[str, list[tuple[str, str]]] = {}
+        for key in keys:
+            directory, _, name = validate_key(key).rpartition("/")
+            by_dir.setdefault(directory, []).append((name, key))
+        for directory, entries in by_dir.items():
+            first = entries[0][1]
+            try:
+                parent = self._open_dir(self._segments(directory), "delete", first)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                self._fail(exc, "delete", first)
+            try:
+                for name, key in entries:
+                    try:
+                        os.unlink(name, dir_fd=parent)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        self._fail(exc, "delete", key)
+            finally:
+                os.close(parent)
 
     def remove_empty_dirs(self, prefix: str) -> None:
         """Remove ``prefix`` and its sub-directories that are empty, bottom up, never a file.
 
         ``os.rmdir`` refuses a non-empty directory atomically, so a file another writer creates
-        meanwhile is never lost (its directory simply stays).
+        meanwhile is never lost (its directory simply stays). Links are not descended into.
         """
-        top = self._path(prefix) if prefix else self._root
-        if not top.is_dir():
-            return
-        for dirpath, _, _ in sorted(os.walk(top), key=lambda entry: len(entry[0]), reverse=True):
-            try:
-                os.rmdir(dirpath)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    continue
-                self._fail(exc, "delete", prefix)
-
-    def delete_prefix(self, prefix: str) -> None:
-        path = self._path(prefix)
+        parts = self._segments(prefix)
         try:
-            shutil.rmtree(path)
+            if not parts:
+                fd = self._open_root("delete", prefix)
+                try:
+                    self._prune(fd)
+                finally:
+                    os.close(fd)
+                with contextlib.suppress(OSError):  # the root itself only goes if empty (and removable)
+                    os.rmdir(self._root)
+                return
+            parent = self._open_dir(parts[:-1], "delete", prefix)
+            try:
+                top = self._open_child(parent, parts, len(parts) - 1, "delete", prefix)
+                try:
+                    self._prune(top)
+                finally:
+                    os.close(top)
+                self._rmdir(parent, parts[-1])
+            finally:
+                os.close(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            self._fail(exc, "delete", prefix)
+
+    def _prune(self, fd: int) -> None:
+        """Remove the empty directories below ``fd``, deepest first."""
+        with os.scandir(fd) as it:
+            names = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+        for name in names:
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError) or exc.errno in _LINK_ERRNOS:
+                    continue  # removed, or swapped for a link, since it was listed
+                raise
+            try:
+                self._prune(child)
+            finally:
+                os.close(child)
+            self._rmdir(fd, name)
+
+    @staticmethod
+    def _rmdir(parent: int, name: str) -> None:
+        try:
+            os.rmdir(name, dir_fd=parent)
         except FileNotFoundError:
             return
-        except NotADirectoryError:
+        except OSError as exc:
+            # Not empty (an object, or a writer's new file), or a link put there meanwhile (ENOTDIR:
+            # rmdir never follows one): it stays.
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                return
+            raise
+
+    def delete_prefix(self, prefix: str) -> None:
+        try:
+            with self._parent(prefix, "delete") as (parent, name):
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raise self._link_error("delete", prefix, prefix)
+                if not stat.S_ISDIR(st.st_mode):
+                    return
+                # With dir_fd, rmtree works on descriptors throughout: it unlinks the links it meets
+                # inside and never follows one (and refuses a top swapped for a link meanwhile).
+                shutil.rmtree(name, dir_fd=parent)
+        except (FileNotFoundError, NotADirectoryError):
             return
         except OSError as exc:
             self._fail(exc, "delete", prefix)
@@ -251,43 +489,102 @@ class LocalObjectStore(ObjectStore):
     # --- listing -------------------------------------------------------------------------------------
 
     def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
-        base = self._path(prefix) if prefix else self._root
-        if not base.is_dir():
+        """Regular files under ``prefix``, files of a directory before its sub-directories, each level
+        sorted. Links, to files or directories, are neither reported nor descended into."""
+        try:
+            fd = self._open_dir(self._segments(prefix), "list", prefix)
+        except (FileNotFoundError, NotADirectoryError):
             return
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            rel = Path(dirpath).relative_to(self._root).as_posix()
-            for name in sorted(filenames):
-                if name.startswith(TEMP_PREFIX):
-                    continue
-                full = Path(dirpath) / name
-                try:
-                    size = full.stat().st_size
-                except FileNotFoundError:
-                    continue  # deleted while listing
-                yield ObjectInfo(key=name if rel == "." else f"{rel}/{name}", size=size)
+        except OSError as exc:
+            self._fail(exc, "list", prefix)
+        try:
+            yield from self._list_below(fd, prefix)
+        finally:
+            os.close(fd)
+
+    def _list_below(self, fd: int, prefix: str) -> Iterator[ObjectInfo]:
+        files: list[tuple[str, int]] = []
+        dirs: list[str] = []
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        dirs.append(entry.name)
+                        continue
+                    if entry.name.startswith(TEMP_PREFIX):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted while listing
+                    if stat.S_ISREG(st.st_mode):
+                        files.append((entry.name, st.st_size))
+                    elif stat.S_ISLNK(st.st_mode):
+                        log.info("not listing %s: a symbolic link", self.describe(f"{prefix}/{entry.name}"))
+        except OSError as exc:
+            self._fail(exc, "list", prefix)
+        for name, size in sorted(files):
+            yield ObjectInfo(key=f"{prefix}/{name}" if prefix else name, size=size)
+        for name in sorted(dirs):
+            key = f"{prefix}/{name}" if prefix else name
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError) or exc.errno in _LINK_ERRNOS:
+                    continue  # removed, or swapped for a link, since it was listed
+                self._fail(exc, "list", key)
+            try:
+                yield from self._list_below(child, key)
+            finally:
+                os.close(child)
 
     def list_dirs(self, prefix: str) -> list[str]:
-        base = self._path(prefix) if prefix else self._root
+        """Sub-directories of ``prefix``; links to directories are not reported."""
         try:
-            with os.scandir(base) as it:
-                return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+            fd = self._open_dir(self._segments(prefix), "list", prefix)
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
             self._fail(exc, "list", prefix)
+        try:
+            with os.scandir(fd) as it:
+                return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+        except OSError as exc:
+            self._fail(exc, "list", prefix)
+        finally:
+            os.close(fd)
 
 
 class _LocalWriter(ObjectWriter):
-    def __init__(self, store: LocalObjectStore, key: str, path: Path, tmp: Path, f: BinaryIO, mode: PutMode):
+    """A streaming write into a temp file, linked into place by :meth:`close`.
+
+    It keeps the descriptor of its directory (where the temp file lives) until it is closed or aborted;
+    see ``LocalObjectStore._publish_from``. One lock orders write, close and abort, which may come from
+    different threads (a coordinator aborting a checkpoint while a stream is closed).
+    """
+
+    def __init__(
+        self,
+        store: LocalObjectStore,
+        key: str,
+        parts: Sequence[str],
+        parent: int,
+        name: str,
+        tmp: str,
+        f: BinaryIO,
+        mode: PutMode,
+    ) -> None:
         self._store = store
         self._key = key
-        self._path = path
+        self._parts = parts
+        self._parent: int | None = parent
+        self._name = name
         self._tmp = tmp
         self._f: BinaryIO | None = f
         self._mode = mode
         self._written = 0
         self._completed = False
+        self._lock = threading.Lock()
 
     @property
     def bytes_written(self) -> int:
@@ -299,39 +596,67 @@ class _LocalWriter(ObjectWriter):
             self._f.flush()
 
     def write(self, data: bytes | memoryview) -> None:
-        if self._f is None:
-            raise StorageError(f"write to {self._store.describe(self._key)} after close or abort")
-        try:
-            self._f.write(data)
-        except OSError as exc:
-            self.abort()
-            self._store._fail(exc, "write", self._key)
-        self._written += len(data)
+        with self._lock:
+            f = self._f
+            if f is None:
+                raise StorageError(f"write to {self._store.describe(self._key)} after close or abort")
+            try:
+                f.write(data)
+            except OSError as exc:
+                self._abort()
+                self._store._fail(exc, "write", self._key)
+            self._written += len(data)
 
     def close(self) -> None:
-        f = self._f
-        if f is None:
-            if self._completed:
-                return
-            raise StorageError(
-                f"{self._store.describe(self._key)}: the write was aborted or failed; nothing is visible"
-            )
-        self._f = None
-        try:
-            f.flush()
-            if self._store._fsync:
-                os.fsync(f.fileno())
-            f.close()
-        except OSError as exc:
-            f.close()
-            self._tmp.unlink(missing_ok=True)
-            self._store._fail(exc, "write", self._key)
-        self._store._publish(self._tmp, self._path, self._mode, self._key)
-        self._completed = True
+        with self._lock:
+            f, parent = self._f, self._parent
+            if f is None or parent is None:
+                if self._completed:
+                    return
+                raise StorageError(
+                    f"{self._store.describe(self._key)}: the write was aborted or failed; nothing is visible"
+                )
+            self._f = self._parent = None
+            store = self._store
+            try:
+                try:
+                    try:
+                        f.flush()
+                        if store._fsync:
+                            os.fsync(f.fileno())
+                    finally:
+                        f.close()
+                    store._publish_from(parent, self._parts, self._tmp, self._name, self._mode, self._key)
+                except BaseException:
+                    store._discard_temp(parent, self._tmp, self._key)
+                    raise
+                finally:
+                    os.close(parent)
+            except OSError as exc:
+                store._fail(exc, "write", self._key)
+            self._completed = True
 
     def abort(self) -> None:
-        f = self._f
-        self._f = None
+        with self._lock:
+            self._abort()
+
+    def _abort(self) -> None:
+        f, parent = self._f, self._parent
+        self._f = self._parent = None
         if f is not None:
-            f.close()
-        self._tmp.unlink(missing_ok=True)
+            # Closing flushes what is still buffered, bytes that are being discarded: a failure to write
+            # them (ENOSPC, say) is not an error of the abort.
+            with contextlib.suppress(OSError):
+                f.close()
+        if parent is not None:
+            try:
+                self._store._discard_temp(parent, self._tmp, self._key)
+            finally:
+                os.close(parent)
+
+    def __del__(self) -> None:
+        # A writer dropped without close or abort must not keep its directory open.
+        parent = getattr(self, "_parent", None)
+        if parent is not None:
+            with contextlib.suppress(OSError):
+                os.close(parent)

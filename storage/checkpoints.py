@@ -1,6 +1,6 @@
 """Checkpoint storage: the on-disk layout, writing a checkpoint, committing it, finding and loading it.
 
-Layout under the storage base (DESIGN.md section 6)::
+Layout under the storage base (docs/format.md section 1; docs/architecture.md#on-disk-layout)::
 
     <base>/<job_id>/chk-<id>/_metadata      written last, create-only; its presence = complete
     <base>/<job_id>/chk-<id>/...            exclusive state files of that checkpoint
@@ -23,22 +23,34 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from keystate.storage import validation
 from keystate.storage.base import ObjectStore, PutMode, join_key
 from keystate.storage.errors import (
     AlreadyExistsError,
     BucketNotFoundError,
+    CheckpointDiscardedError,
     CheckpointNotFoundError,
     CommitConflictError,
     CommitFailedError,
     CommitOutcomeUnknownError,
     MetadataError,
+    MissingStateFilesError,
     NotFoundError,
     RequestOutcomeUnknownError,
     StorageError,
 )
-from keystate.storage.metadata import JOB_ID_PATTERN, CheckpointKind, CheckpointMetadata, HandleScope, StreamHandle
-from keystate.storage.statefile import BytesSource, StateFileReader, StoreSource
+from keystate.storage.format import validation
+from keystate.storage.format._metadata_versions import dump_metadata, parse_metadata
+from keystate.storage.format.metadata import (
+    JOB_ID_PATTERN,
+    CheckpointKind,
+    CheckpointMetadata,
+    HandleScope,
+    StreamHandle,
+    SubtaskState,
+)
+from keystate.storage.format.statefile import BytesSource, ReadLimits, StateFileReader
+from keystate.storage.format.transfer import StateHandle
+from keystate.storage.statefile_io import StoreSource
 from keystate.storage.streams import StateOutputStream, StreamOptions, state_file_name
 
 __all__ = [
@@ -55,6 +67,8 @@ METADATA_FILE = "_metadata"
 SHARED_DIR = "shared"
 CHECKPOINT_DIR = re.compile(r"chk-(0|[1-9][0-9]{0,18})")
 SAVEPOINT_DIR = re.compile(r"savepoint-[0-9a-f]{6}-[0-9a-f]{12}")
+_VANISHED_ROUNDS = 3
+"""Discoveries :meth:`CheckpointStorage.latest` makes when checkpoints it found vanish before it loads them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +124,36 @@ class CompletedCheckpoint:
         job_dir = self.directory.rsplit("/", 1)[0] if "/" in self.directory else ""
         return join_key(job_dir, SHARED_DIR, handle.path)
 
+    def is_present(self) -> bool:
+        """Whether the checkpoint's ``_metadata`` still exists (one request). Retention deletes it first
+        when it discards a checkpoint, so ``False`` means the checkpoint is gone, or going.
+
+        Raises:
+            StorageError: the store could not be asked.
+        """
+        return self.storage.store.exists(join_key(self.directory, METADATA_FILE))
+
+    def raise_if_discarded(self, cause: BaseException) -> None:
+        """After reading one of this checkpoint's state files failed with ``cause``: raise
+        :class:`CheckpointDiscardedError` if the checkpoint was discarded meanwhile (its ``_metadata`` no
+        longer exists), so that a checkpoint retention deleted while it was read is reported as exactly
+        that, never as damage. Returns if the checkpoint is still there (or that cannot be told): then
+        ``cause`` is the file's own failure.
+
+        Raises:
+            CheckpointDiscardedError: the checkpoint is gone; the error names the newest one left.
+        """
+        try:
+            present = self.is_present()
+        except StorageError as exc:
+            log.debug("cannot check whether %s still exists: %s", self.location, exc)
+            return
+        if not present:
+            raise self.storage.discarded_error(self.directory, self.checkpoint_id, self.kind) from cause
+
     def open_state(self, handle: StreamHandle) -> StateFileReader:
-        """A reader over the state file a handle refers to (size and checksum are checked on read)."""
+        """A reader over the state file a handle refers to (size and checksum are checked on read, and the
+        storage's ``read_limits`` bound what it decodes)."""
         key = self.state_key(handle)
         if key is None:
             assert handle.data is not None
@@ -121,7 +163,12 @@ class CompletedCheckpoint:
         else:
             source = StoreSource(self.storage.store, key)
         return StateFileReader(
-            source, size=handle.size, checksum=handle.checksum, raw_size=handle.raw_size, compression=handle.compression
+            source,
+            size=handle.size,
+            checksum=handle.checksum,
+            raw_size=handle.raw_size,
+            compression=handle.compression,
+            limits=self.storage.read_limits,
         )
 
 
@@ -129,6 +176,12 @@ class CheckpointWriter:
     """Writes one checkpoint or savepoint: state streams first, ``_metadata`` last.
 
     Streams may be opened and written from several threads at once (one thread per stream).
+
+    The writer records every exclusive state file it made durable (each stream it closed successfully),
+    and :meth:`commit` refuses metadata that references an exclusive file it did not record: such a file
+    may not exist, and a complete checkpoint must never point at nothing. Files that other writers wrote
+    into the same checkpoint directory (worker processes of an embedding runtime, each with its own
+    writer) are vouched for with :meth:`adopt`, with the handles the workers shipped.
     """
 
     def __init__(
@@ -146,12 +199,14 @@ class CheckpointWriter:
         self.directory = directory
         self._lock = threading.Lock()
         self._written: list[str] = []
+        self._durable: set[str] = set()  # paths of exclusive files this writer closed, or adopted
         self._streams: list[StateOutputStream] = []
         self._done = False  # no new streams, no second commit
         self._committed = False
         self._commit_failed = False  # the commit definitely did not happen: abort may remove our files
         self._uncertain: bytes | None = None  # the metadata of a commit whose outcome is unknown
         self._aborted = False
+        self._inline_left = storage.options.inline_budget  # stored bytes more streams may inline
 
     @property
     def location(self) -> str:
@@ -164,6 +219,51 @@ class CheckpointWriter:
                 # an object that abort() can no longer remove (raising here aborts that stream).
                 raise StorageError(f"{self.location}: the checkpoint was aborted; no new state files")
             self._written.append(key)
+
+    def _reserve_inline(self, size: int) -> bool:
+        """Whether a stream of ``size`` stored bytes may still be inlined (then its bytes are counted)."""
+        with self._lock:
+            if size > self._inline_left:
+                return False
+            self._inline_left -= size
+            return True
+
+    def _closed(self, handle: StreamHandle) -> None:
+        if handle.scope is HandleScope.EXCLUSIVE and handle.path is not None:
+            with self._lock:
+                self._durable.add(handle.path)
+
+    def adopt(self, handles: Iterable[StateHandle | SubtaskState]) -> None:
+        """Vouch for state files another writer wrote into this checkpoint, so that :meth:`commit` accepts
+        metadata that references them.
+
+        An embedding runtime's worker processes write their streams with writers of their own and ship
+        the handles (``handle_to_json`` / ``subtask_state_to_json`` in ``keystate.storage.format``); the
+        coordinator adopts what it received, then commits. Adopting costs no I/O: a worker sends a handle
+        only after its stream closed, that is after the file was durable. Inline handles (no file) and
+        shared ones (under ``shared/``, not this checkpoint's directory) need no adoption and are
+        ignored. Adopted files belong to their writers: :meth:`abort` never deletes them
+        (:meth:`discard` does, on request).
+
+        Args:
+            handles: stream, keyed or operator state handles, or whole subtask states.
+
+        Raises:
+            StorageError: the checkpoint was already committed or aborted.
+        """
+        paths: set[str] = set()
+        for item in handles:
+            if isinstance(item, SubtaskState):
+                streams: Iterable[StreamHandle] = item.handles()
+            elif isinstance(item, StreamHandle):
+                streams = (item,)
+            else:
+                streams = (item.stream,)
+            paths.update(h.path for h in streams if h.scope is HandleScope.EXCLUSIVE and h.path is not None)
+        with self._lock:
+            if self._committed or self._aborted:
+                raise StorageError(f"{self.location}: cannot adopt state files into a committed or aborted checkpoint")
+            self._durable |= paths
 
     def open_stream(self, hint: str, scope: HandleScope = HandleScope.EXCLUSIVE) -> StateOutputStream:
         """Open a state stream named after ``hint`` (e.g. ``"orders/3/keyed"``).
@@ -181,7 +281,14 @@ class CheckpointWriter:
         if scope is HandleScope.SHARED:
             directory = join_key(self._storage.job_directory(self.job_id), SHARED_DIR)
         stream = StateOutputStream(
-            self._storage.store, directory, state_file_name(hint), scope, self._storage.options, self._track
+            self._storage.store,
+            directory,
+            state_file_name(hint),
+            scope,
+            self._storage.options,
+            self._track,
+            self._closed,
+            self._reserve_inline,
         )
         with self._lock:
             self._streams.append(stream)
@@ -194,7 +301,19 @@ class CheckpointWriter:
         write either lands now, or finds the identical bytes of the earlier attempt (complete), or
         another writer's (``CommitConflictError``).
 
+        Before anything is written, every exclusive state file the metadata references (scope
+        ``exclusive``: a path inside this checkpoint's directory) must have been written by this writer
+        (a stream it closed successfully) or vouched for with :meth:`adopt`: a file written elsewhere
+        (another process's writer) is accepted only once adopted. This costs no I/O. Inline handles
+        have no file; shared files are not checked (an incremental checkpoint reuses them from earlier
+        checkpoints). A refused commit leaves the writer as it was: adopt what is missing and commit
+        again, or :meth:`abort`.
+
         Raises:
+            MissingStateFilesError: the metadata references exclusive files neither written nor adopted
+                (a ``CommitFailedError``; nothing was written).
+            CommitFailedError: the metadata is over the size a reader accepts (``MAX_DOCUMENT_BYTES``;
+                nothing was written), or the commit did not happen.
             CommitConflictError: another writer already committed this checkpoint id.
             CommitFailedError: the commit did not happen; nothing changed.
             CommitOutcomeUnknownError: the write failed in a way that may or may not have committed.
@@ -208,7 +327,16 @@ class CheckpointWriter:
                 f"metadata for {metadata.kind} {metadata.checkpoint_id} of job {metadata.job_id} does not match "
                 f"the location {self.location} ({self.kind} {self.checkpoint_id} of job {self.job_id})"
             )
-        data = metadata.to_json_bytes()
+        self._check_files(metadata)
+        data = dump_metadata(metadata)
+        try:
+            # What no reader would accept is not committed (a refused commit leaves the writer as it was).
+            validation.check_document_limits(data, f"{self.location}/{METADATA_FILE}", CommitFailedError)
+        except CommitFailedError as exc:
+            raise CommitFailedError(
+                f"{exc}; nothing was written: inline less state (StreamOptions.inline_budget, inline_threshold), "
+                "or raise the limit in every process that reads this checkpoint"
+            ) from None
         with self._lock:
             if self._uncertain is not None and self._uncertain != data:
                 raise ValueError(f"{self.location}: a commit whose outcome is unknown can only be retried as it was")
@@ -237,6 +365,30 @@ class CheckpointWriter:
         with self._lock:
             self._streams = []  # closed; each refers back to us (reference cycles keep memory until a gc pass)
         return CompletedCheckpoint(self._storage, self.directory, metadata)
+
+    def _check_files(self, metadata: CheckpointMetadata) -> None:
+        """Raise ``MissingStateFilesError`` if the metadata references an exclusive file this writer
+        neither closed nor adopted."""
+        with self._lock:
+            durable = set(self._durable)
+        missing = tuple(
+            (op.uid, st.index, handle)
+            for op in metadata.operators
+            for st in op.subtasks
+            for handle in st.handles()
+            if handle.scope is HandleScope.EXCLUSIVE and handle.path is not None and handle.path not in durable
+        )
+        if not missing:
+            return
+        shown = "; ".join(f"operator {uid!r} subtask {index}: {h.describe}" for uid, index, h in missing[:5])
+        more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise MissingStateFilesError(
+            f"{self.location}: refusing to commit {self.kind} {self.checkpoint_id} of job {self.job_id}: its "
+            f"metadata references {len(missing)} exclusive state file(s) this writer neither wrote nor adopted, "
+            f"so they may not exist ({shown}{more}); nothing was written. Adopt the handles other writers "
+            "(worker processes) shipped with writer.adopt(handles) before committing, or take the snapshot again",
+            missing,
+        )
 
     def _resolve_existing(self, key: str, data: bytes, cause: StorageError | None) -> None:
         """After a failed or conflicting create, read back what is there to learn the outcome."""
@@ -296,6 +448,7 @@ class CheckpointWriter:
         Raises:
             StorageError: a file could not be deleted.
         """
+        handles = list(handles)
         store = self._storage.store
         keys = []
         for handle in handles:
@@ -309,6 +462,10 @@ class CheckpointWriter:
             if self._committed:
                 raise StorageError(f"{self.location}: cannot discard state files of a completed checkpoint")
             aborted = self._aborted
+            # Deleted files no longer vouch for metadata that would reference them.
+            self._durable.difference_update(
+                h.path for h in handles if h.scope is HandleScope.EXCLUSIVE and h.path is not None
+            )
         store.delete_many(keys)
         if aborted:
             store.remove_empty_dirs(self.directory)
@@ -322,6 +479,8 @@ class CheckpointStorage:
         base: the key prefix of the storage root inside the store ("" = the store's root).
         options: how state streams are written.
         savepoint_dir: the directory (under ``base``) savepoints go to.
+        read_limits: what a state file read from here may declare (``ReadLimits``: 16 MiB per block,
+            4 GiB per file by default); restores and the tools read through these.
     """
 
     def __init__(
@@ -331,11 +490,13 @@ class CheckpointStorage:
         *,
         options: StreamOptions | None = None,
         savepoint_dir: str = "savepoints",
+        read_limits: ReadLimits | None = None,
     ) -> None:
         self.store = store
         self.base = base.strip("/")
         self.options = options or StreamOptions()
         self.savepoint_dir = savepoint_dir
+        self.read_limits = read_limits or ReadLimits()
 
     def __repr__(self) -> str:
         return f"CheckpointStorage({self.location!r})"
@@ -387,7 +548,7 @@ class CheckpointStorage:
                 f"Cannot find meta data file '{METADATA_FILE}' in directory '{self.store.describe(directory)}'; "
                 "it is not a completed checkpoint or savepoint"
             ) from exc
-        metadata = CheckpointMetadata.from_json_bytes(data, where)
+        metadata = parse_metadata(data, where)
         parent, _, name = directory.rpartition("/")
         parent_name = parent.rpartition("/")[2]
         m = CHECKPOINT_DIR.fullmatch(name)
@@ -407,6 +568,51 @@ class CheckpointStorage:
 
     def _has_metadata(self, directory: str) -> bool:
         return self.store.exists(join_key(directory, METADATA_FILE))
+
+    def newest_checkpoint_in(self, job_directory: str) -> CheckpointPointer | None:
+        """The completed checkpoint with the highest id in a job directory (a key in the store), or
+        ``None``; one listing, then one existence check per checkpoint directory from the newest down.
+        """
+        ids = sorted(
+            (int(m.group(1)) for name in self.store.list_dirs(job_directory) if (m := CHECKPOINT_DIR.fullmatch(name))),
+            reverse=True,
+        )
+        for checkpoint_id in ids:
+            directory = join_key(job_directory, f"chk-{checkpoint_id}")
+            if self._maybe_complete(directory):
+                return CheckpointPointer(CheckpointKind.CHECKPOINT, directory, checkpoint_id)
+        return None
+
+    def discarded_error(
+        self, directory: str, checkpoint_id: int | None, kind: CheckpointKind
+    ) -> CheckpointDiscardedError:
+        """The error for a checkpoint or savepoint in ``directory`` found gone while it was read: it
+        names the newest completed checkpoint of the same job still there (best effort)."""
+        where = self.store.describe(directory)
+        what = f"{kind} {checkpoint_id}" if checkpoint_id is not None else str(kind)
+        if kind is CheckpointKind.SAVEPOINT:
+            return CheckpointDiscardedError(
+                f"{what} ({where}) was deleted while it was read; its _metadata no longer exists",
+                checkpoint_id=checkpoint_id,
+                location=where,
+            )
+        newest = None
+        try:
+            newest = self.newest_checkpoint_in(directory.rpartition("/")[0])
+        except StorageError as exc:
+            log.debug("cannot list the checkpoints next to %s: %s", where, exc)
+        if newest is None:
+            latest = "no newer completed checkpoint of the job was found"
+        else:
+            latest = f"the latest is {newest.checkpoint_id} ({self.store.describe(newest.directory)}): read that one"
+        return CheckpointDiscardedError(
+            f"{what} was discarded while it was read (retention removed it after a newer checkpoint completed; "
+            f"it is not damaged, it is gone: {where}); {latest}",
+            checkpoint_id=checkpoint_id,
+            location=where,
+            latest_id=newest.checkpoint_id if newest is not None else None,
+            latest_location=self.store.describe(newest.directory) if newest is not None else None,
+        )
 
     def _maybe_complete(self, directory: str) -> bool:
         """Whether a directory has ``_metadata``; one that cannot even be checked is reported (so
@@ -456,6 +662,17 @@ class CheckpointStorage:
                 (what a job does on recovery) instead of raising (what a tool does).
         """
         best: CompletedCheckpoint | None = None
+        for _ in range(_VANISHED_ROUNDS):
+            best, vanished = self._latest_once(key, skip_corrupt)
+            if not vanished:
+                break
+            # A checkpoint discovered complete was gone when loaded: retention discarded it because a
+            # newer one completed meanwhile, which the next discovery sees.
+        return best
+
+    def _latest_once(self, key: str, skip_corrupt: bool) -> tuple[CompletedCheckpoint | None, bool]:
+        best: CompletedCheckpoint | None = None
+        vanished = False
         seen_jobs: set[str] = set()
         for pointer in self.discover(key):
             if pointer.kind is CheckpointKind.CHECKPOINT:
@@ -464,6 +681,12 @@ class CheckpointStorage:
                     continue  # only the newest loadable checkpoint of each job can win
             try:
                 candidate = self.load(pointer.directory)
+            except CheckpointNotFoundError:
+                # Complete when discovered, gone now: discarded meanwhile, not damaged. The next one wins.
+                log.debug("%s was discarded while the latest checkpoint was looked for",
+                          self.store.describe(pointer.directory))  # fmt: skip
+                vanished = True
+                continue
             except (MetadataError, NotFoundError) as exc:
                 if not skip_corrupt:
                     raise
@@ -474,7 +697,7 @@ class CheckpointStorage:
             order = (candidate.metadata.timestamp, candidate.checkpoint_id)
             if best is None or order > (best.metadata.timestamp, best.checkpoint_id):
                 best = candidate
-        return best
+        return best, vanished
 
     def resolve(self, key: str = "") -> CompletedCheckpoint:
         """Load what a user pointed at: a checkpoint or savepoint directory, its ``_metadata``, a job
@@ -487,7 +710,14 @@ class CheckpointStorage:
         if full.endswith("/" + METADATA_FILE) or full == METADATA_FILE:
             return self.load(full.rsplit("/", 1)[0] if "/" in full else "")
         if full and self._has_metadata(full):
-            return self.load(full)
+            try:
+                return self.load(full)
+            except CheckpointNotFoundError as exc:
+                # There a moment ago, gone now: discarded while it was being read.
+                name = full.rpartition("/")[2]
+                m = CHECKPOINT_DIR.fullmatch(name)
+                kind = CheckpointKind.SAVEPOINT if SAVEPOINT_DIR.fullmatch(name) else CheckpointKind.CHECKPOINT
+                raise self.discarded_error(full, int(m.group(1)) if m else None, kind) from exc
         latest = self.latest(key)
         if latest is None:
             raise CheckpointNotFoundError(

@@ -10,9 +10,15 @@ Messages say what happened, where, what was expected and what was found, and wha
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keystate.storage.format.metadata import StreamHandle
+
 __all__ = [
     "AlreadyExistsError",
     "BucketNotFoundError",
+    "CheckpointDiscardedError",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "CommitConflictError",
@@ -23,6 +29,7 @@ __all__ = [
     "InvalidURIError",
     "KeystateError",
     "MetadataError",
+    "MissingStateFilesError",
     "NotFoundError",
     "RequestOutcomeUnknownError",
     "StateFileError",
@@ -30,6 +37,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailableError",
     "TopologyError",
+    "UnsafeLinkError",
     "UnsafePathError",
     "UnsupportedFormatVersionError",
     "UnsupportedMetadataVersionError",
@@ -67,6 +75,14 @@ class StorageAccessDeniedError(StorageError, PermissionError):
     """The storage refused the operation (missing permission, access denied)."""
 
 
+class UnsafeLinkError(StorageError):
+    """A symbolic link lies on the path of an object or directory in local checkpoint storage.
+
+    Below its root (resolved once, when the store is opened) the local store follows no link at all, not
+    even one that points back inside: a link could lead reads, listings or deletes outside the root.
+    """
+
+
 class BucketNotFoundError(NotFoundError):
     """The S3 bucket named in the location does not exist."""
 
@@ -92,11 +108,52 @@ class CommitConflictError(CommitFailedError, AlreadyExistsError):
     """Another writer already committed a checkpoint with the same id (the create-only write lost)."""
 
 
+class MissingStateFilesError(CommitFailedError):
+    """The metadata to commit references exclusive state files that the committing writer neither wrote
+    nor adopted (``CheckpointWriter.adopt``), so they may not exist; nothing was written.
+
+    Attributes:
+        missing: ``(operator uid, subtask index, handle)`` of each such reference, in metadata order.
+    """
+
+    def __init__(self, message: str, missing: tuple[tuple[str, int, StreamHandle], ...]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
 class CommitOutcomeUnknownError(StorageError):
     """A commit may or may not have happened (e.g. the connection dropped after the PUT was sent).
 
     Load the checkpoint to find out; never assume either outcome.
     """
+
+
+class CheckpointDiscardedError(CheckpointNotFoundError):
+    """A completed checkpoint was deleted while it was being read: its ``_metadata`` no longer exists
+    (retention subsumed it after a newer one completed, or someone discarded it). Not damage: read the
+    newer checkpoint instead.
+
+    Attributes:
+        checkpoint_id: the checkpoint that was discarded (``None``: a savepoint whose id was not read yet).
+        location: where it was.
+        latest_id: the newest completed checkpoint of the same job left, if any.
+        latest_location: where that one is.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        checkpoint_id: int | None,
+        location: str,
+        latest_id: int | None = None,
+        latest_location: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.checkpoint_id = checkpoint_id
+        self.location = location
+        self.latest_id = latest_id
+        self.latest_location = latest_location
 
 
 # --- formats -----------------------------------------------------------------------------------------
@@ -107,7 +164,8 @@ class FormatError(KeystateError, ValueError):
 
 
 class MetadataError(FormatError):
-    """A ``_metadata`` file is truncated, not JSON, or has a field that is missing or invalid."""
+    """A ``_metadata`` file, or the JSON form of a state handle or subtask state shipped between processes
+    (``keystate.storage.format.transfer``), is truncated, not JSON, or has a field that is missing or invalid."""
 
 
 class StateFileError(FormatError):

@@ -11,7 +11,7 @@ import logging
 
 from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
 from keystate.storage.errors import KeystateError
-from keystate.storage.metadata import CheckpointKind, HandleScope
+from keystate.storage.format.metadata import CheckpointKind, HandleScope
 
 __all__ = ["CompletedCheckpointStore"]
 
@@ -44,17 +44,32 @@ class CompletedCheckpointStore:
         return self._checkpoints[-1] if self._checkpoints else None
 
     def recover(self) -> list[CompletedCheckpoint]:
-        """Load the job's completed checkpoints from storage (after a restart); unreadable ones are
-        logged and skipped. Older ones beyond ``num_retained`` are subsumed on the next :meth:`add`.
+        """Take in the completed checkpoints under the job's directory (after a restart, or when a new run
+        of the same job id starts), ordered by id, oldest first, as Flink's ``DefaultCompletedCheckpointStore``
+        recovers them. Unreadable ones are logged and skipped; savepoints are never taken in.
+
+        Nothing is discarded here: the ones beyond ``num_retained`` are subsumed by the next :meth:`add`,
+        that is only once a newer checkpoint has completed. So the checkpoint a job restores from is kept
+        until the restored job completes one of its own. Checkpoints already added stay retained.
+
+        Returns:
+            The retained checkpoints, oldest first.
+
+        Raises:
+            StorageError: the job's directory could not be listed.
         """
-        loaded: list[CompletedCheckpoint] = []
-        for pointer in reversed(self._storage.list_checkpoints(self._job_id)):
+        by_id: dict[int, CompletedCheckpoint] = {}
+        for pointer in self._storage.list_checkpoints(self._job_id):
             try:
-                loaded.append(self._storage.load(pointer.directory))
+                checkpoint = self._storage.load(pointer.directory)
             except KeystateError as exc:
                 log.warning("cannot recover checkpoint %s: %s", self._storage.store.describe(pointer.directory), exc)
-        self._checkpoints = loaded
-        return list(loaded)
+                continue
+            by_id[checkpoint.checkpoint_id] = checkpoint
+        for checkpoint in self._checkpoints:
+            by_id[checkpoint.checkpoint_id] = checkpoint
+        self._checkpoints = [by_id[i] for i in sorted(by_id)]
+        return list(self._checkpoints)
 
     def add(self, checkpoint: CompletedCheckpoint) -> list[CompletedCheckpoint]:
         """Add a newly completed checkpoint and discard what falls out of retention.

@@ -59,6 +59,12 @@ class RetryPolicy:
         max_backoff: cap of one backoff.
         multiplier: growth of the backoff per retry.
         jitter: draw each backoff uniformly from ``0 .. backoff`` (spreads retries of many callers).
+        deadline: seconds one call may take with all its retries (``None``: only ``max_attempts``
+            bounds it). No retry starts once it has passed, and a backoff is cut to what is left, so
+            a call fails within ``deadline`` plus the duration of its last attempt.
+
+    The first retry of a call is logged as a WARNING (what is retried, the attempt, the time so far);
+    later retries of the same call at INFO: one line per failing call, not one per attempt.
     """
 
     max_attempts: int = 5
@@ -66,12 +72,15 @@ class RetryPolicy:
     max_backoff: float = 1.0
     multiplier: float = 2.0
     jitter: bool = True
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, found {self.max_attempts}")
         if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
             raise ValueError("backoffs must be non-negative and the multiplier at least 1")
+        if self.deadline is not None and not self.deadline > 0:
+            raise ValueError(f"deadline must be positive seconds or None, found {self.deadline}")
 
     def backoff(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1 = the first retry)."""
@@ -80,26 +89,42 @@ class RetryPolicy:
 
     def call(self, fn: Callable[[], T], what: str, *, retry_unknown: bool = True) -> T:
         """Run ``fn``, retrying ``StorageUnavailableError`` (and, if ``retry_unknown``, its subclass
-        ``RequestOutcomeUnknownError``); the last error is raised when the attempts are used up."""
+        ``RequestOutcomeUnknownError``); the last error is raised when the attempts or the deadline
+        are used up."""
         attempt = 1
+        started = time.monotonic()
         while True:
             try:
                 return fn()
-            except RequestOutcomeUnknownError:
-                if not retry_unknown or attempt >= self.max_attempts:
+            except RequestOutcomeUnknownError as exc:
+                if not retry_unknown or not self._pause(attempt, what, started, exc):
                     raise
-            except StorageUnavailableError:
-                if attempt >= self.max_attempts:
+            except StorageUnavailableError as exc:
+                if not self._pause(attempt, what, started, exc):
                     raise
-            self._pause(attempt, what)
             attempt += 1
 
-    def _pause(self, attempt: int, what: str) -> None:
+    def _pause(self, attempt: int, what: str, started: float, error: BaseException) -> bool:
+        """Sleep before attempt ``attempt + 1`` of a call that started at ``started`` (monotonic) and
+        return ``True``; ``False`` (at once) when no attempt is left or the deadline has passed."""
+        if attempt >= self.max_attempts:
+            return False
         delay = self.backoff(attempt)
-        log.info(
-            "%s failed transiently (attempt %d of %d); retrying in %.3f s", what, attempt, self.max_attempts, delay
-        )
+        elapsed = time.monotonic() - started
+        if self.deadline is not None:
+            left = self.deadline - elapsed
+            if left <= 0:
+                return False
+            delay = min(delay, left)
+        if attempt == 1:
+            limit = f"; giving up after {self.deadline:g} s" if self.deadline is not None else ""
+            log.warning("%s failed (%s); retrying (attempt %d of %d, %.1f s so far%s)",
+                        what, error, attempt + 1, self.max_attempts, elapsed, limit)  # fmt: skip
+        else:
+            log.info("%s failed transiently (attempt %d of %d); retrying in %.3f s",
+                     what, attempt, self.max_attempts, delay)  # fmt: skip
         time.sleep(delay)
+        return True
 
 
 def with_retries(store: ObjectStore, policy: RetryPolicy | None) -> ObjectStore:
@@ -154,6 +179,7 @@ class RetryingObjectStore(ObjectStore):
             return
         uncertain: RequestOutcomeUnknownError | None = None
         attempt = 1
+        started = time.monotonic()
         while True:
             try:
                 self.inner.put(key, data, mode)
@@ -172,13 +198,12 @@ class RetryingObjectStore(ObjectStore):
                 last = exc
             else:
                 return
-            if attempt >= self.policy.max_attempts:
+            if not self.policy._pause(attempt, what, started, last):
                 if uncertain is not None and last is not uncertain:
                     raise RequestOutcomeUnknownError(
                         f"{what}: every attempt failed, and an earlier one may have landed ({uncertain}); last: {last}"
                     ) from last
                 raise last
-            self.policy._pause(attempt, what)
             attempt += 1
 
     def open_writer(self, key: str, mode: PutMode = PutMode.OVERWRITE) -> ObjectWriter:
@@ -224,8 +249,10 @@ class _RetryingWriter(ObjectWriter):
         """Retry a writer call that failed with ``first``; a retry that fails for another reason (the
         inner writer gave up and aborted itself) raises ``first``, the cause that matters."""
         policy, what = self._store.policy, f"write {self._store.describe(self._key)}"
+        started = time.monotonic()
         for attempt in range(1, policy.max_attempts):
-            policy._pause(attempt, what)
+            if not policy._pause(attempt, what, started, first):
+                break
             try:
                 call()
             except RequestOutcomeUnknownError as exc:

@@ -17,8 +17,9 @@ from types import TracebackType
 
 from keystate.storage.base import ObjectStore, ObjectWriter, PutMode, join_key
 from keystate.storage.errors import StorageError
-from keystate.storage.metadata import HandleScope, StreamHandle
-from keystate.storage.statefile import DEFAULT_BLOCK_SIZE, Compression, StateFileWriter
+from keystate.storage.format.metadata import HandleScope, StreamHandle
+from keystate.storage.format.statefile import DEFAULT_BLOCK_SIZE, Compression
+from keystate.storage.statefile_io import StateFileWriter
 
 __all__ = ["StateOutputStream", "StreamOptions", "state_file_name"]
 
@@ -41,6 +42,10 @@ class StreamOptions:
             its writer goes on encoding: zstd and xxh3 release the GIL. 1 by default: one helper per such
             stream, started once the stream has written a block's worth of bytes, stopped when it closes
             or aborts. 0 compresses in the writing thread. The bytes written are the same either way.
+        inline_budget: stored bytes that the inline streams of one checkpoint writer may hold together
+            (4 MiB by default); a stream under the threshold that no longer fits is written as a file.
+            This keeps ``_metadata`` under the size a reader accepts (16 MiB, docs/format.md section 4.2)
+            however many subtasks inline their state.
     """
 
     inline_threshold: int = 20 * 1024
@@ -48,10 +53,13 @@ class StreamOptions:
     compression_level: int = 1
     block_size: int = DEFAULT_BLOCK_SIZE
     compression_threads: int = 1
+    inline_budget: int = 4 << 20
 
     def __post_init__(self) -> None:
         if self.inline_threshold < 0:
             raise ValueError(f"inline_threshold must be >= 0, found {self.inline_threshold}")
+        if self.inline_budget < 0:
+            raise ValueError(f"inline_budget must be >= 0, found {self.inline_budget}")
         if self.compression_threads < 0:
             raise ValueError(f"compression_threads must be >= 0, found {self.compression_threads}")
 
@@ -64,7 +72,7 @@ def state_file_name(hint: str) -> str:
     suffix keeps names unique even when several writers use the same hint.
     """
     segments = [_UNSAFE.sub("_", s)[:64] for s in hint.split("/") if s] or ["state"]
-    # A segment must start with a letter, digit or '_' (storage.validation.safe_relative_path).
+    # A segment must start with a letter, digit or '_' (keystate.storage.format.validation.safe_relative_path).
     segments = [s if s[0].isalnum() or s[0] == "_" else "_" + s[1:] for s in segments]
     segments[-1] = f"{segments[-1]}-{uuid.uuid4().hex[:16]}{STATE_FILE_SUFFIX}"
     return "/".join(segments)
@@ -84,6 +92,8 @@ class StateOutputStream:
         scope: HandleScope,
         options: StreamOptions,
         on_open: Callable[[str], None] | None = None,
+        on_close: Callable[[StreamHandle], None] | None = None,
+        reserve_inline: Callable[[int], bool] | None = None,
     ) -> None:
         self._store = store
         self._key = join_key(directory, relative_path)
@@ -91,6 +101,8 @@ class StateOutputStream:
         self._scope = scope
         self._threshold = options.inline_threshold
         self._on_open = on_open
+        self._on_close = on_close  # told each file made durable (not inline handles, never after a failure)
+        self._reserve_inline = reserve_inline  # asked before inlining: False means write a file after all
         self._pending = bytearray()
         self._writer: ObjectWriter | None = None
         self._handle: StreamHandle | None = None
@@ -120,11 +132,22 @@ class StateOutputStream:
                 return
             self._pending += data
             if len(self._pending) > self._threshold:
-                if self._on_open is not None:
-                    self._on_open(self._key)
-                self._writer = self._store.open_writer(self._key, PutMode.CREATE)
-                self._writer.write(bytes(self._pending))
-                self._pending = bytearray()
+                self._open_file()
+
+    def _spill(self) -> None:
+        """Write the held bytes as a file after all: the checkpoint's inline budget is used up."""
+        with self._lock:
+            if self._aborted:
+                raise StorageError(f"state stream {self._store.describe(self._key)} was aborted")
+            self._open_file()
+
+    def _open_file(self) -> None:
+        """Start the object with the bytes held so far: the stream is not inlined. Under the lock."""
+        if self._on_open is not None:
+            self._on_open(self._key)
+        self._writer = self._store.open_writer(self._key, PutMode.CREATE)
+        self._writer.write(bytes(self._pending))
+        self._pending = bytearray()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append raw (uncompressed) bytes."""
@@ -178,6 +201,9 @@ class StateOutputStream:
         try:
             summary = self._file.finish()
             compression = self._file.compression
+            reserve, self._reserve_inline = self._reserve_inline, None
+            if self._writer is None and reserve is not None and not reserve(len(self._pending)):
+                self._spill()
             if self._writer is None:
                 self._handle = StreamHandle(
                     HandleScope.INLINE, summary.size, summary.raw_size, summary.checksum, compression,
@@ -196,7 +222,10 @@ class StateOutputStream:
         except BaseException as exc:
             self._fail(exc)
             raise
-        self._on_open = None  # usually a bound method of the checkpoint writer: no reference cycle
+        on_close, self._on_close = self._on_close, None
+        self._on_open = None  # usually bound methods of the checkpoint writer: no reference cycle
+        if on_close is not None and self._handle.path is not None:
+            on_close(self._handle)
         return self._handle
 
     def _fail(self, exc: BaseException) -> None:
@@ -217,6 +246,8 @@ class StateOutputStream:
             self._aborted = True
             self._pending = bytearray()
             self._on_open = None
+            self._on_close = None
+            self._reserve_inline = None
             writer = self._writer
         self._file.abort()  # stops its helper threads before the object writer goes away
         if writer is not None:

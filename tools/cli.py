@@ -1,31 +1,35 @@
 """The ``keystate`` command line (and ``inspect-checkpoint``, which is ``keystate inspect``).
 
 Each command parses its arguments, calls one library function that returns data, and renders it as a
-table for people or ``--json`` for machines. Exit codes (DESIGN.md section 8): 0 success/compatible;
-1 incompatible (check-restore) or verification failed; 2 bad usage or unreadable input, with one line
-on stderr and no traceback (set ``KEYSTATE_DEBUG=1`` to see one).
+table for people or ``--json`` for machines. Exit codes (a contract, docs/architecture.md#command-line-and-exit-codes):
+0 success/compatible; 1 incompatible (check-restore) or verification failed; 2 bad usage or unreadable
+input, with one line on stderr and no traceback (set ``KEYSTATE_DEBUG=1`` to see one); 3 the checkpoint
+was discarded (by retention) while it was read: not damage, read the newer one the line names.
+Warnings of the library (e.g. that an unreachable S3 endpoint is being retried) go to stderr, one line each.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import importlib
 import json
+import logging
+import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from keystate.storage.errors import KeystateError
-from keystate.storage.topology import Topology
+from keystate.storage.errors import CheckpointDiscardedError, KeystateError
+from keystate.storage.format.topology import Topology
 from keystate.tools.errors import UsageError
 
-__all__ = ["console_main", "inspect_console_main", "inspect_main", "main"]
+__all__ = ["ERROR_KINDS", "console_main", "error_kind", "inspect_console_main", "inspect_main", "main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_DISCARDED = 0, 1, 2, 3
 
 _EXAMPLES = {
     "inspect": """examples:
@@ -33,7 +37,8 @@ _EXAMPLES = {
   keystate inspect ./checkpoints/<job>/chk-12 --json  one checkpoint, as JSON
   keystate inspect s3://bucket/ckpt/<job> --verify    read every state file, check sizes and checksums
   keystate inspect ./checkpoints --operator totals    per-subtask handles of one operator
-  keystate inspect ./checkpoints --graph dot | dot -Tpng > graph.png""",
+  keystate inspect ./checkpoints --graph dot | dot -Tpng > graph.png
+  keystate inspect s3://bucket/flink-ck/<jobId>       an Apache Flink checkpoint (detected; docs/flink.md)""",
     "list": """examples:
   keystate list ./checkpoints
   keystate list s3://bucket/ckpt --json --endpoint-url http://127.0.0.1:9000""",
@@ -44,7 +49,8 @@ _EXAMPLES = {
     "check-restore": """examples:
   keystate check-restore s3://bucket/ckpt/<job> --topology new-topology.json
   keystate check-restore ./checkpoints --job myjobs.orders:build_job --json
-exit code: 0 compatible, 1 incompatible, 2 unreadable checkpoint or topology""",
+  keystate check-restore ./checkpoints --job myjobs.orders:build_job --verify   (also read every state file)
+exit code: 0 compatible, 1 incompatible (or, with --verify, damaged state), 2 unreadable checkpoint or topology""",
     "topology": """examples:
   keystate topology myjobs.orders:build_job -o topology.json""",
     "demo": """examples:
@@ -53,14 +59,26 @@ exit code: 0 compatible, 1 incompatible, 2 unreadable checkpoint or topology""",
 }
 
 
+class _UsageExit(SystemExit):
+    """argparse refused the command line (exit 2); ``message`` is what it said, for ``--json``'s error object."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_ERROR)
+        self.message = message
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+        line = f"{message} (see --help)"
+        sys.stderr.write(f"{self.prog}: error: {line}\n")
+        raise _UsageExit(line)
 
 
 def _progress(enabled: bool) -> Callable[[int, int, int], None] | None:
     if not enabled:
         return None
+    from keystate.tools.render import plural
+
     started = time.monotonic()
 
     def show(done: int, total: int, nbytes: int) -> None:
@@ -68,7 +86,7 @@ def _progress(enabled: bool) -> Callable[[int, int, int], None] | None:
         filled = width * done // max(total, 1)
         rate = nbytes / max(time.monotonic() - started, 1e-6) / (1 << 20)
         sys.stderr.write(
-            f"\rverifying [{'#' * filled}{'.' * (width - filled)}] {done}/{total} handles {rate:.1f} MiB/s"
+            f"\rverifying [{'#' * filled}{'.' * (width - filled)}] {done}/{plural(total, 'handle')} {rate:.1f} MiB/s"
         )
         if done == total:
             sys.stderr.write("\n")
@@ -91,7 +109,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.graph and args.json:
         raise UsageError("--graph and --json cannot be combined")
     summary = inspect_checkpoint(args.location, endpoint_url=args.endpoint_url)
-    if args.operator is not None and summary.checkpoint.metadata.operator(args.operator) is None:
+    if args.operator is not None and summary.find_operator(args.operator) is None:
         known = ", ".join(o.uid for o in summary.operators)
         raise UsageError(
             f"no operator {args.operator!r} in checkpoint {summary.checkpoint.checkpoint_id} (it has {known})"
@@ -136,10 +154,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
+    from keystate.storage.flink_checkpoints import FlinkCheckpoint
     from keystate.tools.dump import dump_state
     from keystate.tools.summary import load_location
 
     checkpoint = load_location(args.location, endpoint_url=args.endpoint_url)
+    if isinstance(checkpoint, FlinkCheckpoint):
+        raise UsageError(
+            f"{checkpoint.location} is an Apache Flink {checkpoint.kind}: its state is written by Flink's "
+            "serializers (Java, Kryo, RocksDB), which keystate never runs; dump reads keystate checkpoints only "
+            "(read Flink state with Flink's State Processor API)"
+        )
     for record in dump_state(
         checkpoint, args.operator, state=args.state, key_group=args.key_group, unsafe=args.unsafe_unpickle
     ):
@@ -206,19 +231,30 @@ def _read_topology(args: argparse.Namespace) -> Topology:
 
 def _cmd_check_restore(args: argparse.Namespace) -> int:
     from keystate.runtime.restore_rules import check_restore
-    from keystate.tools.render import render_report
-    from keystate.tools.summary import load_location
+    from keystate.tools.render import render_report, render_verify
+    from keystate.tools.summary import load_location, verify_checkpoint
 
     checkpoint = load_location(args.location, endpoint_url=args.endpoint_url)
     topology = _read_topology(args)
     report = check_restore(checkpoint.metadata, topology, allow_non_restored_state=args.allow_non_restored_state)
+    # --verify: the rules say whether the topology fits, reading every handle whether the state is there
+    # and decodes as a restore decodes it; the gate passes only if both do.
+    verification = None
+    if args.verify:
+        verification = verify_checkpoint(checkpoint, _progress(sys.stderr.isatty() and not args.json))
     if args.json:
         doc = report.to_dict()
         doc["location"] = checkpoint.location
+        if verification is not None:
+            doc["verification"] = verification.to_dict()
         _emit_json(doc)
     else:
-        _print(render_report(report, len(topology.operators)))
-    return EXIT_OK if report.compatible else EXIT_FAILED
+        kind = checkpoint.kind.value
+        _print(render_report(report, len(topology.operators), kind=kind, location=checkpoint.location))
+        if verification is not None:
+            _print(render_verify(verification))
+    passed = report.compatible and (verification is None or verification.ok)
+    return EXIT_OK if passed else EXIT_FAILED
 
 
 def _cmd_topology(args: argparse.Namespace) -> int:
@@ -235,6 +271,10 @@ def _cmd_topology(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    # The runtime (asyncio, tasks, the coordinator) loads only when the demo runs: every other command
+    # is a short-lived read of a checkpoint that must start fast.
+    import asyncio
+
     from keystate.runtime.demo import run_demo
 
     if args.duration is not None and args.duration <= 0:
@@ -246,13 +286,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------------------
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, found {text!r}")
+    return value
+
+
 def _storage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3 endpoint (overrides AWS_ENDPOINT_URL)")
+    p.add_argument(
+        "--s3-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"give up an S3 request after this long, retries included (overrides {_S3_TIMEOUT_ENV})",
+    )
 
 
 def _add_inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("location", help="checkpoint/savepoint directory, its _metadata, a job directory or a root")
-    p.add_argument("--json", action="store_true", help="one JSON object (DESIGN.md section 8)")
+    p.add_argument(
+        "location",
+        help="checkpoint/savepoint directory (keystate's or Apache Flink's), its _metadata, a job directory or a root",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object (a contract, see docs/architecture.md)")
     p.add_argument("--verify", action="store_true", help="read every state file; exit 1 on any mismatch")
     p.add_argument("--operator", metavar="UID", help="also show per-subtask handles of this operator")
     p.add_argument(
@@ -301,9 +360,12 @@ def build_parser(prog: str = "keystate") -> argparse.ArgumentParser:
     p = add("check-restore", "check that a checkpoint can be restored into a new job topology (CI gate)")
     p.add_argument("location")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--topology", metavar="FILE", help="topology file (JSON, DESIGN.md section 8)")
+    source.add_argument("--topology", metavar="FILE", help="topology file (JSON, see docs/format.md)")
     source.add_argument("--job", metavar="MODULE:FUNCTION", help="import a function returning a JobGraph")
     p.add_argument("--allow-non-restored-state", action="store_true", help="allow dropping state of removed operators")
+    p.add_argument(
+        "--verify", action="store_true", help="also read and decode every state file (as verify); exit 1 if damaged"
+    )
     p.add_argument("--json", action="store_true")
     _storage_options(p)
     p.set_defaults(run=_cmd_check_restore)
@@ -339,18 +401,136 @@ def _one_line(exc: BaseException) -> str:
     return printable(" ".join(str(exc).split())) or type(exc).__name__
 
 
-def run(argv: list[str] | None = None, prog: str = "keystate", parser: argparse.ArgumentParser | None = None) -> int:
-    """Run a command; returns the exit code (never raises, except for SystemExit from argparse)."""
-    args = (parser or build_parser(prog)).parse_args(argv)
+# The "kind" of --json's error object, by error class (name, so that the CLI need not import every
+# layer's errors at start-up): the nearest listed class in the error's MRO wins, so a new subclass
+# reports its listed ancestor's kind until it is listed itself. A contract (docs/cli.md#errors-with---json):
+# add kinds, never rename or remove one.
+_ERROR_KINDS = {
+    "UsageError": "usage",
+    "InvalidURIError": "invalid_uri",
+    "CheckpointDiscardedError": "checkpoint_discarded",
+    "CheckpointNotFoundError": "checkpoint_not_found",
+    "BucketNotFoundError": "bucket_not_found",
+    "NotFoundError": "not_found",
+    "StorageAccessDeniedError": "storage_access_denied",
+    "CredentialsError": "credentials",
+    "StorageUnavailableError": "storage_unavailable",
+    "UnsafeLinkError": "unsafe_link",
+    "StorageError": "storage",
+    "UnsupportedFormatVersionError": "unsupported_format_version",
+    "UnsafePathError": "unsafe_path",
+    "MetadataError": "metadata",
+    "ChecksumMismatchError": "checksum_mismatch",
+    "StateFileError": "state_file",
+    "StateRestoreError": "state_restore",
+    "TopologyError": "topology",
+    "FormatError": "format",
+    "StateError": "state",
+    "JobError": "job",
+    "KeystateError": "keystate",
+}
+ERROR_KINDS = (*_ERROR_KINDS.values(), "internal", "interrupted")
+"""Every ``kind`` the ``--json`` error object can carry: ``internal`` is a bug of keystate (any other
+exception), ``interrupted`` Ctrl-C; ``usage`` also covers a command line argparse refuses."""
+
+
+def error_kind(exc: BaseException) -> str:
+    """The stable snake_case kind of an error for ``--json``'s ``{"error": {"kind", "message"}}``."""
+    for cls in type(exc).__mro__:
+        kind = _ERROR_KINDS.get(cls.__name__)
+        if kind is not None:
+            return kind
+    return "internal"
+
+
+def _emit_error(kind: str, message: str) -> None:
+    with contextlib.suppress(BrokenPipeError, ValueError):  # stdout closed: the stderr line is written
+        _emit_json({"error": {"kind": kind, "message": message}})
+        sys.stdout.flush()
+
+
+def _json_requested(argv: list[str]) -> bool:
+    """Whether ``--json`` (or an abbreviation argparse would accept, ``--js``...) is on the command line."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg.startswith("--js") and ("--json".startswith(arg) or arg.startswith("--json=")):
+            return True
+    return False
+
+
+_S3_TIMEOUT_ENV = "KEYSTATE_S3_TIMEOUT"  # keystate.storage._s3.TIMEOUT_ENV, named here so boto3 loads only for S3
+
+
+class _WarningLine(logging.Formatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self._prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self._prog}: warning: {_one_line(Exception(record.getMessage()))}"
+
+
+@contextlib.contextmanager
+def _command_environment(args: argparse.Namespace, prog: str) -> Iterator[None]:
+    """While a command runs: keystate's warnings as one line each on stderr, and ``--s3-timeout`` in
+    effect (it is ``KEYSTATE_S3_TIMEOUT`` for this command)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_WarningLine(prog))
+    logger = logging.getLogger("keystate")
+    logger.addHandler(handler)
+    timeout = getattr(args, "s3_timeout", None)
+    previous = os.environ.get(_S3_TIMEOUT_ENV)
+    if timeout is not None:
+        os.environ[_S3_TIMEOUT_ENV] = repr(timeout)
     try:
-        code: int = args.run(args)
+        yield
+    finally:
+        logger.removeHandler(handler)
+        if timeout is not None:
+            if previous is None:
+                os.environ.pop(_S3_TIMEOUT_ENV, None)
+            else:
+                os.environ[_S3_TIMEOUT_ENV] = previous
+
+
+def run(argv: list[str] | None = None, prog: str = "keystate", parser: argparse.ArgumentParser | None = None) -> int:
+    """Run a command; returns the exit code (never raises, except for SystemExit from argparse).
+
+    With ``--json``, an error also prints one object ``{"error": {"kind", "message"}}`` on stdout (kinds:
+    :func:`error_kind`), a usage error too: argparse stops before the options are known, so for it the
+    command line is searched for ``--json``.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = (parser or build_parser(prog)).parse_args(argv)
+    except _UsageExit as exc:
+        if _json_requested(argv):
+            _emit_error("usage", exc.message)
+        raise
+    as_json = bool(getattr(args, "json", False))
+    try:
+        with _command_environment(args, prog):
+            code: int = args.run(args)
+    except CheckpointDiscardedError as exc:
+        if os.environ.get("KEYSTATE_DEBUG"):
+            raise
+        sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
+        if as_json:
+            _emit_error(error_kind(exc), _one_line(exc))
+        return EXIT_DISCARDED
     except KeystateError as exc:
         if os.environ.get("KEYSTATE_DEBUG"):
             raise
         sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
+        if as_json:
+            _emit_error(error_kind(exc), _one_line(exc))
         return EXIT_ERROR
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
+        if as_json:
+            _emit_error("interrupted", "interrupted")
         return 130
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -362,6 +542,8 @@ def run(argv: list[str] | None = None, prog: str = "keystate", parser: argparse.
         sys.stderr.write(
             f"{prog}: internal error: {type(exc).__name__}: {_one_line(exc)} (set KEYSTATE_DEBUG=1 for a traceback)\n"
         )
+        if as_json:
+            _emit_error("internal", f"{type(exc).__name__}: {_one_line(exc)}")
         return EXIT_ERROR
     return code
 

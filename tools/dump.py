@@ -17,7 +17,7 @@ from keystate.statebackend.serializers import PickleSerializer, Serializer, safe
 from keystate.statebackend.state import StateKind
 from keystate.storage.checkpoints import CompletedCheckpoint
 from keystate.storage.errors import KeystateError
-from keystate.storage.keygroups import KeyGroupRange
+from keystate.storage.format.keygroups import KeyGroupRange
 from keystate.tools.errors import UsageError
 
 __all__ = ["decode_value", "dump_state"]
@@ -77,7 +77,24 @@ def dump_state(
     Raises:
         UsageError: no such operator, or a key group outside its max parallelism.
         StateRestoreError, StateFileError: the state is damaged.
+        CheckpointDiscardedError: the checkpoint was discarded (by retention) while it was read.
     """
+    try:
+        yield from _dump_state(checkpoint, operator_uid, state=state, key_group=key_group, unsafe=unsafe)
+    except KeystateError as exc:
+        if not isinstance(exc, UsageError):
+            checkpoint.raise_if_discarded(exc)
+        raise
+
+
+def _dump_state(
+    checkpoint: CompletedCheckpoint,
+    operator_uid: str,
+    *,
+    state: str | None,
+    key_group: int | None,
+    unsafe: bool,
+) -> Iterator[dict[str, Any]]:
     op = checkpoint.metadata.operator(operator_uid)
     if op is None:
         known = ", ".join(repr(o.uid) for o in checkpoint.metadata.operators)
@@ -86,6 +103,15 @@ def dump_state(
         raise UsageError(
             f"key group {key_group} is outside operator {operator_uid!r}'s key groups 0..{op.max_parallelism - 1}"
         )
+    if state is not None:
+        # A mistyped name would print nothing and exit 0, like a state without entries: refuse it.
+        names = {e.name for st in op.subtasks for h in st.operator for e in h.states}
+        names |= {s.name for st in op.subtasks for h in st.keyed for s in snapshot_meta(checkpoint, h, op.uid).states}
+        if names and state not in names:
+            raise UsageError(
+                f"operator {operator_uid!r} has no state {state!r} in checkpoint {checkpoint.checkpoint_id} "
+                f"(it has {', '.join(sorted(map(repr, names)))})"
+            )
     wanted = None if key_group is None else KeyGroupRange(key_group, key_group)
     for st in op.subtasks:
         for handle in st.keyed:

@@ -6,11 +6,23 @@ import datetime
 from collections.abc import Sequence
 
 from keystate.runtime.restore_rules import RestoreReport
-from keystate.storage.metadata import OperatorStatus
-from keystate.tools.summary import CheckpointListing, CheckpointSummary, VerifyReport
+from keystate.storage.flink_checkpoints import SourceFormat, stream_handles
+from keystate.storage.format.flink import (
+    ByteStreamStateHandle,
+    EmptySegmentFileStateHandle,
+    FileStateHandle,
+    FlinkStreamHandle,
+    OperatorStreamStateHandle,
+    RelativeFileStateHandle,
+    SegmentFileStateHandle,
+)
+from keystate.storage.format.metadata import OperatorStatus
+from keystate.tools.errors import UsageError
+from keystate.tools.summary import CheckpointListing, CheckpointSummary, FlinkCheckpointSummary, VerifyReport
 
 __all__ = [
     "human_bytes",
+    "plural",
     "render_graph",
     "render_listing",
     "render_operator",
@@ -19,6 +31,11 @@ __all__ = [
     "render_verify",
     "table",
 ]
+
+
+def plural(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless ``n`` is 1: "1 handle", "0 handles", "2 violations"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def human_bytes(n: int) -> str:
@@ -68,7 +85,9 @@ def _age(seconds: int) -> str:
     return f"{seconds // 86400}d ago"
 
 
-def render_summary(summary: CheckpointSummary) -> str:
+def render_summary(summary: CheckpointSummary | FlinkCheckpointSummary) -> str:
+    if isinstance(summary, FlinkCheckpointSummary):
+        return _render_flink_summary(summary)
     m = summary.checkpoint.metadata
     props = []
     if m.properties.synchronous:
@@ -81,9 +100,10 @@ def render_summary(summary: CheckpointSummary) -> str:
     handles = sum(o.handles for o in summary.operators)
     head = [
         f"{kind} {m.checkpoint_id} of job {m.job_id}",
+        f"format    keystate, metadata v{m.FORMAT_VERSION}",
         f"taken     {_time(m.timestamp)}",
         f"location  {summary.checkpoint.location}",
-        f"state     {human_bytes(stored)} stored, {human_bytes(raw)} raw in {handles} handles{ratio}",
+        f"state     {human_bytes(stored)} stored, {human_bytes(raw)} raw in {plural(handles, 'handle')}{ratio}",
         "",
     ]
     rows = []
@@ -107,8 +127,111 @@ def render_summary(summary: CheckpointSummary) -> str:
     return "\n".join(head) + body
 
 
-def render_operator(summary: CheckpointSummary, uid: str) -> str:
+def _flink_properties(summary: FlinkCheckpointSummary) -> list[str]:
+    props = summary.properties()
+    return [word for word, on in (("stop-with-savepoint", props["synchronous"]), ("drain", props["drain"])) if on]
+
+
+def _render_flink_summary(summary: FlinkCheckpointSummary) -> str:
+    checkpoint, m = summary.checkpoint, summary.checkpoint.metadata
+    props = _flink_properties(summary)
+    kind = checkpoint.kind.value + (f" ({', '.join(props)})" if props else "")
+    details = [] if m.properties is None else [m.properties.type_name, m.properties.sharing_files_strategy,
+                                                m.properties.savepoint_format]  # fmt: skip
+    shown = ", ".join(d for d in details if d)
+    prefix = checkpoint.job_id_prefix
+    job = checkpoint.job_id or (f"{prefix}... (a savepoint's name holds 6 digits)" if prefix else "unknown")
+    handles = sum(o.handles for o in summary.operators)
+    head = [
+        f"{kind} {m.checkpoint_id} of job {job}",
+        f"format    Apache Flink, metadata v{m.format_version}" + (f" ({shown})" if shown else ""),
+        "taken     unknown (Flink's _metadata records no time)",
+        f"location  {checkpoint.location}",
+        f"state     {human_bytes(summary.total_state_bytes)} in {plural(handles, 'handle')}",
+        "",
+    ]
+    rows = []
+    for op in summary.operators:
+        if not op.keyed or op.status is OperatorStatus.FULLY_FINISHED:
+            groups = "-"
+        else:
+            spans = ",".join(str(r) for r in op.key_group_ranges)
+            groups = f"{spans} ({op.key_groups_covered}/{op.max_parallelism})"
+        uid = op.state.uid or "-"
+        rows.append([
+            uid, op.operator_id, str(op.parallelism), str(op.max_parallelism),
+            _status(op.status, op.finished_subtasks), human_bytes(op.state_bytes), str(op.handles), groups,
+        ])  # fmt: skip
+    body = table(
+        ["OPERATOR", "OPERATOR ID", "PARALLELISM", "MAX PARALLELISM", "STATUS", "STATE", "HANDLES", "KEY GROUPS"],
+        rows,
+        right=(2, 3, 5, 6),
+    )
+    notes = ["", "note: Flink's _metadata stores no edges: the operators' inputs at checkpoint time are unknown"]
+    if any(op.state.uid is None for op in summary.operators):
+        notes.append(
+            f"note: operators without a uid here have none in the file (format {m.format_version} stores uids "
+            "from format 5, Flink 2.0, on; or the operator had no uid); they are matched by operator ID"
+        )
+    return "\n".join(head) + body + "\n".join(notes)
+
+
+def _stream_name(stream: FlinkStreamHandle) -> str:
+    if isinstance(stream, ByteStreamStateHandle):
+        return "inline"
+    if isinstance(stream, RelativeFileStateHandle):
+        return stream.relative_path
+    if isinstance(stream, FileStateHandle):
+        return stream.path
+    if isinstance(stream, SegmentFileStateHandle):
+        return f"{stream.file_path} [{stream.start_pos}, {stream.start_pos + stream.size})"
+    if isinstance(stream, EmptySegmentFileStateHandle):
+        return "empty segment"
+    return stream.flink_class
+
+
+def _render_flink_operator(summary: FlinkCheckpointSummary, name: str) -> str:
+    found = summary.find_operator(name)
+    assert found is not None
+    op = found.state
+    title = f"operator {found.uid}" + (f" (ID {op.operator_id})" if found.uid != op.operator_id else "")
+    lines = [f"{title}: {f'name {op.name!r}, ' if op.name else ''}parallelism {op.parallelism}, max parallelism "
+             f"{op.max_parallelism}, {_status(found.status, found.finished_subtasks)}"]  # fmt: skip
+    if op.fully_finished:
+        lines.append("  fully finished: no subtask state (deployed finished on restore)")
+        return "\n".join(lines)
+    rows = []
+    if op.coordinator_state is not None:
+        rows.append(["-", "coordinator", "-", "inline", human_bytes(op.coordinator_state.state_size)])
+    for st in op.subtasks:
+        if st.finished:
+            rows.append([str(st.index), "finished", "-", "-", "-"])
+            continue
+        for handle in st.handles():
+            streams = list(stream_handles(handle))
+            if len(streams) == 1:
+                where = _stream_name(streams[0])
+            else:
+                inline = sum(isinstance(x, ByteStreamStateHandle) for x in streams)
+                where = f"{len(streams)} files ({inline} inline)"
+            if isinstance(handle, OperatorStreamStateHandle):
+                names = ", ".join(f"{e.name} ({e.mode.name.lower()}, {len(e.offsets)})" for e in handle.states)
+                what = f"operator: {names}"
+            else:
+                what = handle.flink_class
+            groups = str(handle.key_groups) if hasattr(handle, "key_groups") else "-"
+            rows.append([str(st.index), what, groups, where, human_bytes(handle.state_size)])
+    if not rows:
+        lines.append("  no state")
+        return "\n".join(lines)
+    lines.append(table(["SUBTASK", "STATE", "KEY GROUPS", "FILE", "SIZE"], rows, right=(4,)))
+    return "\n".join(lines)
+
+
+def render_operator(summary: CheckpointSummary | FlinkCheckpointSummary, uid: str) -> str:
     """Per-subtask detail of one operator: every handle with its key groups, file, sizes, checksum."""
+    if isinstance(summary, FlinkCheckpointSummary):
+        return _render_flink_operator(summary, uid)
     op = summary.checkpoint.metadata.operator(uid)
     assert op is not None
     lines = [f"operator {op.uid}: parallelism {op.parallelism}, max parallelism {op.max_parallelism}, "
@@ -137,8 +260,17 @@ def render_operator(summary: CheckpointSummary, uid: str) -> str:
     return "\n".join(lines)
 
 
-def render_graph(summary: CheckpointSummary, fmt: str = "mermaid") -> str:
-    """The topology at checkpoint time with finished operators marked (Mermaid or Graphviz DOT)."""
+def render_graph(summary: CheckpointSummary | FlinkCheckpointSummary, fmt: str = "mermaid") -> str:
+    """The topology at checkpoint time with finished operators marked (Mermaid or Graphviz DOT).
+
+    Raises:
+        UsageError: a Flink checkpoint, which stores no edges to draw.
+    """
+    if isinstance(summary, FlinkCheckpointSummary):
+        raise UsageError(
+            "--graph draws the edges between operators, and a Flink checkpoint stores none; use --json or the "
+            "table instead"
+        )
     ops = summary.checkpoint.metadata.operators
     ids = {op.uid: f"op{i}" for i, op in enumerate(ops)}
 
@@ -193,27 +325,54 @@ def render_listing(rows: Sequence[CheckpointListing], now_ms: int) -> str:
             continue
         ops = d["operators"]
         counts = f"{ops['running']} running, {ops['partially_finished']} partial, {ops['fully_finished']} finished"
-        out.append([d["kind"], str(d["checkpoint_id"]), d["job_id"][:8], _age(d["age_seconds"]),
+        kind = f"flink {d['kind']}" if d["source_format"] == SourceFormat.FLINK else d["kind"]
+        age = "?" if d["age_seconds"] is None else _age(d["age_seconds"])
+        job = d["job_id"] or d.get("job_id_prefix") or "?"
+        out.append([kind, str(d["checkpoint_id"]), job[:8], age,
                     human_bytes(d["total_state_bytes"]), counts, r.location])  # fmt: skip
     return table(["KIND", "ID", "JOB", "AGE", "SIZE", "OPERATORS", "LOCATION"], out, right=(1, 4))
 
 
-def render_report(report: RestoreReport, operators: int) -> str:
+def render_report(report: RestoreReport, operators: int, *, kind: str = "checkpoint", location: str = "") -> str:
+    """The verdict, naming what was checked (kind, id and location) in the first line, then one line per
+    violation."""
+    checked = f"{kind} {report.checkpoint_id}" + (f" at {location}" if location else "")
     if report.compatible:
-        return (
-            f"compatible: checkpoint {report.checkpoint_id} can be restored into the topology ({operators} operators)"
-        )
-    lines = [
-        f"incompatible: checkpoint {report.checkpoint_id} cannot be restored ({len(report.violations)} violations)"
-    ]
-    lines += [f"[{v.rule}] {v.message}" for v in report.violations]
+        lines = [f"compatible: {checked} can be restored into the topology ({plural(operators, 'operator')})"]
+    else:
+        lines = [f"incompatible: {checked} cannot be restored ({plural(len(report.violations), 'violation')})"]
+        lines += [f"[{v.rule}] {v.message}" for v in report.violations]
+    lines += [f"warning: {w}" for w in report.warnings]
+    if report.starts_empty and len(report.starts_empty) < operators:
+        names = ", ".join(repr(uid) for uid in report.starts_empty)
+        lines.append(f"starts empty (not in the {kind}): {names}")
     return "\n".join(lines)
 
 
 def render_verify(report: VerifyReport) -> str:
     total = sum(c.size for c in report.checks)
+    unchecked = [f"  {c.operator}[{c.subtask}] {c.handle}: {c.not_checkable}" for c in report.unchecked]
+    if report.source_format is SourceFormat.FLINK and report.ok:
+        checked = len(report.checks) - len(unchecked)
+        head = (
+            f"verified: {plural(checked, 'handle')} of a Flink checkpoint, "
+            f"{human_bytes(total - sum(c.size for c in report.unchecked))}: every file is there with its stated "
+            "size and every offset fits (Flink's files carry no checksums)"
+        )
+        if unchecked:
+            head += f"; {plural(len(unchecked), 'handle')} not checkable here:"
+        return "\n".join([head, *unchecked])
     if report.ok:
-        return f"verified: {len(report.checks)} handles, {human_bytes(total)}, all sizes and checksums match"
-    lines = [f"verification FAILED: {len(report.failures)} of {len(report.checks)} handles are damaged"]
+        return (
+            f"verified: {plural(len(report.checks), 'handle')}, {human_bytes(total)}, all sizes, checksums and "
+            "state framing match"
+        )
+    damaged = len(report.failures)
+    lines = [
+        f"verification FAILED: {damaged} of {plural(len(report.checks), 'handle')} "
+        f"{'is' if damaged == 1 else 'are'} damaged"
+    ]
     lines += [f"  {c.operator}[{c.subtask}] {c.handle}: {c.error}" for c in report.failures]
+    if unchecked:
+        lines += [f"{plural(len(unchecked), 'handle')} not checkable here (not counted as damaged):", *unchecked]
     return "\n".join(lines)

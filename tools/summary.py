@@ -1,42 +1,62 @@
 """What ``keystate inspect`` and ``keystate list`` compute: summaries of checkpoints, and verification.
 
-These functions return data; ``keystate.tools.render`` turns it into tables, JSON or graphs.
+These functions return data; ``keystate.tools.render`` turns it into tables, JSON or graphs. Every
+location may hold a keystate checkpoint or an Apache Flink one (detected from ``_metadata``'s first
+bytes, ``keystate.storage.flink_checkpoints``); a Flink checkpoint is summarized by
+:class:`FlinkCheckpointSummary`, which has the same ``--json`` contract fields.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
-from keystate.storage.errors import KeystateError
-from keystate.storage.keygroups import KeyGroupRange
-from keystate.storage.metadata import OperatorState, OperatorStatus, StreamHandle
-from keystate.storage.uri import open_storage
+from keystate.storage.errors import CheckpointNotFoundError, KeystateError
+from keystate.storage.flink_checkpoints import (
+    AnyCheckpoint,
+    CheckStatus,
+    FlinkCheckpoint,
+    SourceFormat,
+    open_checkpoint,
+    resolve_checkpoint,
+    stream_handles,
+    verify_flink_checkpoint,
+)
+from keystate.storage.format.flink import FlinkOperatorState
+from keystate.storage.format.keygroups import KeyGroupRange
+from keystate.storage.format.metadata import KeyedStateHandle, OperatorState, OperatorStateHandle, OperatorStatus
+from keystate.storage.uri import Location, open_storage, parse_location
+from keystate.tools.errors import UsageError
 
 __all__ = [
     "CheckpointListing",
     "CheckpointSummary",
+    "FlinkCheckpointSummary",
+    "FlinkOperatorSummary",
     "HandleCheck",
     "OperatorSummary",
     "VerifyReport",
     "inspect_checkpoint",
     "list_checkpoints",
     "load_location",
+    "summarize_any",
     "verify_checkpoint",
 ]
 
 
-def load_location(location: str, *, endpoint_url: str | None = None) -> CompletedCheckpoint:
+def load_location(location: str, *, endpoint_url: str | None = None) -> AnyCheckpoint:
     """The checkpoint a CLI ``LOCATION`` names: a checkpoint or savepoint directory, its
-    ``_metadata``, a job directory or a storage root (then the newest one), as a path or URI.
+    ``_metadata``, a job directory or a storage root (then the newest one), as a path or URI; keystate's
+    or Apache Flink's (:class:`~keystate.storage.flink_checkpoints.FlinkCheckpoint`), detected.
 
     Raises:
         InvalidURIError, CheckpointNotFoundError, MetadataError, StorageError: see their messages.
     """
-    return open_storage(location, endpoint_url=endpoint_url).resolve()
+    return resolve_checkpoint(open_storage(location, endpoint_url=endpoint_url))
 
 
 def coverage(op: OperatorState) -> tuple[int, list[KeyGroupRange]]:
@@ -45,6 +65,10 @@ def coverage(op: OperatorState) -> tuple[int, list[KeyGroupRange]]:
     for st in op.subtasks:
         for handle in st.keyed:
             groups.update(handle.key_groups)
+    return _ranges(groups)
+
+
+def _ranges(groups: set[int]) -> tuple[int, list[KeyGroupRange]]:
     ranges: list[KeyGroupRange] = []
     for kg in sorted(groups):
         if ranges and ranges[-1].end == kg - 1:
@@ -79,6 +103,7 @@ class OperatorSummary:
             "state_bytes": self.state_bytes,
             "handles": self.handles,
             "inputs": self.inputs,
+            "inputs_known": True,
             "raw_state_bytes": self.raw_state_bytes,
             "key_groups": {
                 "covered": self.key_groups_covered,
@@ -91,14 +116,20 @@ class OperatorSummary:
 
 @dataclass(frozen=True)
 class CheckpointSummary:
-    """``keystate inspect``'s data; ``to_dict`` is the ``--json`` contract of DESIGN.md section 8."""
+    """``keystate inspect``'s data; ``to_dict`` is the ``--json`` contract
+    (docs/architecture.md#inspect-json-output)."""
 
     checkpoint: CompletedCheckpoint
     operators: list[OperatorSummary]
+    source_format = SourceFormat.KEYSTATE
 
     @property
     def metadata(self) -> Any:
         return self.checkpoint.metadata
+
+    def find_operator(self, name: str) -> OperatorSummary | None:
+        """The operator with uid ``name``, or None."""
+        return next((o for o in self.operators if o.uid == name), None)
 
     @property
     def total_state_bytes(self) -> int:
@@ -121,6 +152,7 @@ class CheckpointSummary:
             "operators": [o.to_dict() for o in self.operators],
             "properties": {"synchronous": m.properties.synchronous, "drain": m.properties.drain},
             "total_raw_state_bytes": self.total_raw_bytes,
+            "source_format": self.source_format.value,
         }
 
 
@@ -148,9 +180,156 @@ def summarize(checkpoint: CompletedCheckpoint) -> CheckpointSummary:
     return CheckpointSummary(checkpoint, operators)
 
 
-def inspect_checkpoint(location: str, *, endpoint_url: str | None = None) -> CheckpointSummary:
+# --- Apache Flink checkpoints ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlinkOperatorSummary:
+    """One operator of a Flink checkpoint, with the contract fields of :class:`OperatorSummary`.
+
+    Flink's ``_metadata`` stores no edges, so ``inputs`` is unknown (``None`` and ``inputs_known: false``
+    in JSON), and no uncompressed size (``raw_state_bytes`` is ``None``).
+    """
+
+    uid: str
+    """The uid when the checkpoint stores one (format 5+), else the operator ID."""
+    operator_id: str
+    name: str | None
+    parallelism: int
+    max_parallelism: int
+    status: OperatorStatus
+    finished_subtasks: list[int]
+    state_bytes: int
+    """Flink's ``getStateSize()``: what its handles state, coordinator state included."""
+    handles: int
+    """Stream handles: each a file, a part of one, or bytes inline in ``_metadata``."""
+    keyed: bool
+    key_groups_covered: int
+    key_group_ranges: list[KeyGroupRange]
+    state: FlinkOperatorState
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "parallelism": self.parallelism,
+            "max_parallelism": self.max_parallelism,
+            "status": self.status.value,
+            "finished_subtasks": self.finished_subtasks,
+            "state_bytes": self.state_bytes,
+            "handles": self.handles,
+            "inputs": None,
+            "inputs_known": False,
+            "raw_state_bytes": None,
+            "key_groups": {
+                "covered": self.key_groups_covered,
+                "ranges": [[r.start, r.end] for r in self.key_group_ranges],
+            }
+            if self.keyed
+            else None,
+            "operator_id": self.operator_id,
+            "name": self.name,
+        }
+
+
+@dataclass(frozen=True)
+class FlinkCheckpointSummary:
+    """``keystate inspect``'s data for a Flink checkpoint or savepoint; ``to_dict`` has the contract fields
+    of :class:`CheckpointSummary` (``format_version`` is Flink's ``_metadata`` version, also given as
+    ``flink_metadata_version``; ``job_id`` and ``timestamp`` may be ``None``: Flink does not store them)."""
+
+    checkpoint: FlinkCheckpoint
+    operators: list[FlinkOperatorSummary]
+    source_format = SourceFormat.FLINK
+
+    @property
+    def metadata(self) -> Any:
+        return self.checkpoint.metadata
+
+    @property
+    def total_state_bytes(self) -> int:
+        return sum(o.state_bytes for o in self.operators)
+
+    def find_operator(self, name: str) -> FlinkOperatorSummary | None:
+        """The operator with this uid or operator ID, or None."""
+        return next((o for o in self.operators if name in (o.uid, o.operator_id)), None)
+
+    def properties(self) -> dict[str, bool | None]:
+        """keystate's ``properties``: a stop-with-savepoint is ``synchronous``, one that terminates ``drain``s."""
+        props = self.checkpoint.metadata.properties
+        if props is None or props.kind is None:
+            return {"synchronous": None, "drain": None}
+        action = props.post_checkpoint_action
+        return {"synchronous": action in ("SUSPEND", "TERMINATE"), "drain": action == "TERMINATE"}
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.checkpoint.metadata
+        props = m.properties
+        return {
+            "format_version": m.format_version,
+            "checkpoint_id": m.checkpoint_id,
+            "job_id": self.checkpoint.job_id,
+            "kind": self.checkpoint.kind.value,
+            "timestamp": None,
+            "location": self.checkpoint.location,
+            "total_state_bytes": self.total_state_bytes,
+            "operators": [o.to_dict() for o in self.operators],
+            "properties": self.properties(),
+            "total_raw_state_bytes": None,
+            "source_format": self.source_format.value,
+            "flink_metadata_version": m.format_version,
+            "job_id_prefix": self.checkpoint.job_id_prefix,
+            "flink_properties": None
+            if props is None
+            else {
+                "type": props.type_name,
+                "sharing_files_strategy": props.sharing_files_strategy,
+                "savepoint_format": props.savepoint_format,
+                "post_checkpoint_action": props.post_checkpoint_action,
+            },
+        }
+
+
+def summarize_flink(checkpoint: FlinkCheckpoint) -> FlinkCheckpointSummary:
+    operators = []
+    for op in checkpoint.metadata.operators:
+        groups: set[int] = set()
+        for st in op.subtasks:
+            for keyed in (st.managed_keyed_state, st.raw_keyed_state):
+                if keyed is not None:
+                    groups.update(keyed.key_groups)
+        covered, ranges = _ranges(groups)
+        handles = sum(1 for st in op.subtasks for h in st.handles() for _ in stream_handles(h))
+        finished = list(range(op.parallelism)) if op.fully_finished else list(op.finished_subtasks)
+        operators.append(
+            FlinkOperatorSummary(
+                uid=op.uid or op.operator_id,
+                operator_id=op.operator_id,
+                name=op.name,
+                parallelism=op.parallelism,
+                max_parallelism=op.max_parallelism,
+                status=op.status,
+                finished_subtasks=finished,
+                state_bytes=op.state_size,
+                handles=handles + (op.coordinator_state is not None),
+                keyed=op.has_keyed_state,
+                key_groups_covered=covered,
+                key_group_ranges=ranges,
+                state=op,
+            )
+        )
+    return FlinkCheckpointSummary(checkpoint, operators)
+
+
+def summarize_any(checkpoint: AnyCheckpoint) -> CheckpointSummary | FlinkCheckpointSummary:
+    """The summary of a checkpoint of either format."""
+    if isinstance(checkpoint, FlinkCheckpoint):
+        return summarize_flink(checkpoint)
+    return summarize(checkpoint)
+
+
+def inspect_checkpoint(location: str, *, endpoint_url: str | None = None) -> CheckpointSummary | FlinkCheckpointSummary:
     """Load and summarize the checkpoint a location names (see :func:`load_location`)."""
-    return summarize(load_location(location, endpoint_url=endpoint_url))
+    return summarize_any(load_location(location, endpoint_url=endpoint_url))
 
 
 # --- verification ------------------------------------------------------------------------------------
@@ -164,18 +343,25 @@ class HandleCheck:
     size: int
     ok: bool
     error: str | None = None
+    not_checkable: str | None = None
+    """Why the handle could not be checked from here (a Flink handle's absolute path on another machine);
+    such a handle counts as ``ok``: it is not known to be damaged."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"operator": self.operator, "subtask": self.subtask, "handle": self.handle,
                              "size": self.size, "ok": self.ok}  # fmt: skip
         if self.error is not None:
             d["error"] = self.error
+        if self.not_checkable is not None:
+            d["not_checkable"] = self.not_checkable
         return d
 
 
 @dataclass(frozen=True)
 class VerifyReport:
     checks: list[HandleCheck] = field(default_factory=list)
+    source_format: SourceFormat = SourceFormat.KEYSTATE
+    """A Flink checkpoint's handles are checked for existence and size only: its files carry no checksums."""
 
     @property
     def ok(self) -> bool:
@@ -185,40 +371,88 @@ class VerifyReport:
     def failures(self) -> list[HandleCheck]:
         return [c for c in self.checks if not c.ok]
 
+    @property
+    def unchecked(self) -> list[HandleCheck]:
+        """Handles that could not be checked from here (not damage)."""
+        return [c for c in self.checks if c.not_checkable is not None]
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "ok": self.ok,
             "handles": len(self.checks),
-            "bytes": sum(c.size for c in self.checks),
+            "bytes": sum(c.size for c in self.checks if c.not_checkable is None),
             "failures": [c.to_dict() for c in self.failures],
         }
+        if self.unchecked:
+            doc["not_checkable"] = [c.to_dict() for c in self.unchecked]
+        return doc
 
 
 def verify_checkpoint(
-    checkpoint: CompletedCheckpoint, progress: Callable[[int, int, int], None] | None = None
+    checkpoint: AnyCheckpoint, progress: Callable[[int, int, int], None] | None = None
 ) -> VerifyReport:
-    """Read every handle fully and check its size, block checksums, trailer and whole-file checksum.
+    """Read every handle fully and check its size, block checksums, trailer and whole-file checksum, then
+    decode its payload's framing with the decoders a restore uses (``keystate.statebackend.inspection``):
+    keyed snapshots (meta, key-group offsets, entries, composite keys, list frames, TTL headers) and
+    operator-state elements. Nothing is deserialized, so nothing from the checkpoint runs; what
+    passes here restores, short of the job's own serializers and configuration.
+
+    A handle that cannot be read is damage only while the checkpoint still exists: after a failed
+    handle the checkpoint's ``_metadata`` is checked again, and if it is gone (retention discarded the
+    checkpoint while it was read, which it may do on a live root at any time) verification stops
+    with :class:`CheckpointDiscardedError` instead of reporting damage.
 
     Args:
         checkpoint: what to verify.
         progress: called with (handles done, handles total, bytes done) after each handle.
+
+    A Flink checkpoint is checked as :func:`~keystate.storage.flink_checkpoints.verify_flink_checkpoint`
+    checks it: every file it names exists with the stated size (Flink's files have no checksums, and their
+    Java-serialized contents are never decoded); a file on another machine is reported as not checkable.
+
+    Raises:
+        CheckpointDiscardedError: the checkpoint was discarded while it was read; the error names the
+            newest checkpoint of the job left.
     """
-    todo: list[tuple[str, int, StreamHandle]] = [
-        (op.uid, st.index, h) for op in checkpoint.metadata.operators for st in op.subtasks for h in st.handles()
-    ]
+    if isinstance(checkpoint, FlinkCheckpoint):
+        return _verify_flink(checkpoint, progress)
+    # Loaded here, not at import: the other commands need no state backend.
+    from keystate.statebackend.inspection import check_keyed_handle, check_operator_handle
+
+    todo: list[tuple[str, int, KeyedStateHandle | OperatorStateHandle]] = []
+    for op in checkpoint.metadata.operators:
+        for st in op.subtasks:
+            todo += [(op.uid, st.index, h) for h in st.keyed]
+            todo += [(op.uid, st.index, h) for h in st.operator]
     checks: list[HandleCheck] = []
     done_bytes = 0
-    for i, (uid, index, handle) in enumerate(todo):
+    for i, (uid, index, typed) in enumerate(todo):
+        handle = typed.stream
         name = handle.describe
         try:
-            checkpoint.open_state(handle).verify()
+            if isinstance(typed, KeyedStateHandle):
+                checkpoint.open_state(handle).verify()  # the whole file first: the framing pass reads ranges
+                check_keyed_handle(checkpoint, typed, uid)
+            else:
+                check_operator_handle(checkpoint, typed, uid)  # reads (and checks) the whole file once
             checks.append(HandleCheck(uid, index, name, handle.size, True))
         except KeystateError as exc:
+            checkpoint.raise_if_discarded(exc)
             checks.append(HandleCheck(uid, index, name, handle.size, False, str(exc)))
         done_bytes += handle.size
         if progress is not None:
             progress(i + 1, len(todo), done_bytes)
     return VerifyReport(checks)
+
+
+def _verify_flink(checkpoint: FlinkCheckpoint, progress: Callable[[int, int, int], None] | None) -> VerifyReport:
+    checks = []
+    for c in verify_flink_checkpoint(checkpoint, progress):
+        damaged = c.status is CheckStatus.DAMAGED
+        unchecked = c.detail if c.status is CheckStatus.NOT_CHECKABLE else None
+        checks.append(HandleCheck(c.operator, c.subtask, c.handle, c.size, not damaged, c.detail if damaged else None,
+                                  unchecked))  # fmt: skip
+    return VerifyReport(checks, SourceFormat.FLINK)
 
 
 # --- listing -----------------------------------------------------------------------------------------
@@ -230,13 +464,15 @@ class CheckpointListing:
 
     location: str
     kind: str
-    summary: CheckpointSummary | None
+    summary: CheckpointSummary | FlinkCheckpointSummary | None
     error: str | None = None
     checkpoint_id: int | None = None
 
     def sort_key(self) -> tuple[int, int]:
         if self.summary is None:
             return (0, self.checkpoint_id or 0)
+        if isinstance(self.summary, FlinkCheckpointSummary):
+            return (-1, self.summary.checkpoint.checkpoint_id)  # no timestamp: before every keystate one
         m = self.summary.checkpoint.metadata
         return (m.timestamp, m.checkpoint_id)
 
@@ -244,6 +480,8 @@ class CheckpointListing:
         if self.summary is None:
             return {"location": self.location, "kind": self.kind, "checkpoint_id": self.checkpoint_id,
                     "error": self.error}  # fmt: skip
+        if isinstance(self.summary, FlinkCheckpointSummary):
+            return self._flink_dict(self.summary)
         m = self.summary.checkpoint.metadata
         counts = {s.value: 0 for s in OperatorStatus}
         for op in self.summary.operators:
@@ -258,18 +496,66 @@ class CheckpointListing:
             "total_state_bytes": self.summary.total_state_bytes,
             "operators": counts,
             "properties": {"synchronous": m.properties.synchronous, "drain": m.properties.drain},
+            "source_format": SourceFormat.KEYSTATE.value,
         }
+
+    def _flink_dict(self, summary: FlinkCheckpointSummary) -> dict[str, Any]:
+        counts = {s.value: 0 for s in OperatorStatus}
+        for op in summary.operators:
+            counts[op.status.value] += 1
+        return {
+            "location": self.location,
+            "kind": summary.checkpoint.kind.value,
+            "checkpoint_id": summary.checkpoint.checkpoint_id,
+            "job_id": summary.checkpoint.job_id,
+            "timestamp": None,
+            "age_seconds": None,
+            "total_state_bytes": summary.total_state_bytes,
+            "operators": counts,
+            "properties": summary.properties(),
+            "source_format": SourceFormat.FLINK.value,
+            "flink_metadata_version": summary.checkpoint.metadata.format_version,
+            "job_id_prefix": summary.checkpoint.job_id_prefix,
+        }
+
+
+def _check_local_root(root: str, location: Location) -> None:
+    """Refuse a local root that is missing or a file: the stores list a missing directory as empty
+    (right for a prefix), but a user who mistyped a path must not be told "no checkpoints"."""
+    if location.scheme != "file":
+        return
+    path = str(location)
+    if os.path.isdir(path):
+        return
+    if os.path.lexists(path):
+        raise UsageError(
+            f"Cannot list '{root}': it is not a directory; give a storage root, a job directory or a "
+            "savepoints directory"
+        )
+    raise CheckpointNotFoundError(f"Cannot list checkpoints at '{root}': no such directory")
 
 
 def list_checkpoints(root: str, *, endpoint_url: str | None = None) -> list[CheckpointListing]:
     """Completed checkpoints and savepoints under ``root``, newest first (unreadable ones included,
-    with their error, so a damaged checkpoint is visible rather than silently skipped)."""
+    with their error, so a damaged checkpoint is visible rather than silently skipped). One that was
+    complete when listed but whose ``_metadata`` is gone when read was discarded meanwhile (retention on
+    a live root): it is left out, not shown as unreadable.
+
+    Raises:
+        CheckpointNotFoundError: a local ``root`` that does not exist (an existing, empty one lists
+            nothing; an S3 prefix has no existence of its own, so an empty one lists nothing too).
+        UsageError: a local ``root`` that is a file, not a directory.
+    """
     storage: CheckpointStorage = open_storage(root, endpoint_url=endpoint_url)
+    _check_local_root(root, parse_location(root))
     rows: list[CheckpointListing] = []
     for pointer in storage.discover():
         location = storage.store.describe(pointer.directory)
         try:
-            rows.append(CheckpointListing(location, pointer.kind.value, summarize(storage.load(pointer.directory))))
+            summary = summarize_any(open_checkpoint(storage, pointer.directory))
+            rows.append(CheckpointListing(location, pointer.kind.value, summary))
+        except CheckpointNotFoundError:
+            continue  # discarded since it was listed
         except KeystateError as exc:
             rows.append(CheckpointListing(location, pointer.kind.value, None, str(exc), pointer.checkpoint_id))
     rows.sort(key=CheckpointListing.sort_key, reverse=True)

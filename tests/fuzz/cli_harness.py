@@ -1,6 +1,12 @@
 """``keystate`` run in process for the fuzzers, with the files it touched recorded (an audit hook), and
 what every run must satisfy (:func:`check_cli_run`): exit 0, 1 or 2, one line on stderr at most, never a
-traceback, strict JSON output, nothing written, nothing touched outside the location."""
+traceback, strict JSON output, nothing written, nothing touched outside the location.
+
+Where a file lies is decided after resolving links (``os.path.realpath``): a read through a linked
+directory inside the location lands outside it, whatever its path says. The local store opens files
+relative to directory descriptors (``openat``), whose audit event carries only the relative name, so
+``os.open`` is also wrapped while a command runs to record the path of what it actually opened.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ import io
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from keystate.tools.cli import run as cli_run
 
@@ -25,7 +33,7 @@ class CliRun:
     out: str
     err: str
     touched: list[tuple[str, str]] = field(default_factory=list)
-    """File-system events (event name, path) seen while the command ran."""
+    """File-system events (event name, or ``open-dir`` / ``open-write``; path) seen while the command ran."""
 
 
 _RECORDING: list[list[tuple[str, str]]] = []
@@ -55,6 +63,34 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
 
 sys.addaudithook(_audit)
 
+_real_open = os.open
+_PROC_FD = Path("/proc/self/fd")
+
+
+def _recording_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+    """``os.open``, recording what a ``dir_fd``-relative open really opened (Linux: ``/proc/self/fd``)."""
+    fd = _real_open(path, flags, mode, dir_fd=dir_fd)
+    if _RECORDING and dir_fd is not None:
+        with contextlib.suppress(OSError):
+            opened = os.readlink(_PROC_FD / str(fd))
+            writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            kind = "open-write" if writes else "open-dir" if flags & os.O_DIRECTORY else "open"
+            _RECORDING[-1].append((kind, opened))
+    return fd
+
+
+@contextlib.contextmanager
+def _recording(touched: list[tuple[str, str]]) -> Iterator[None]:
+    _RECORDING.append(touched)
+    try:
+        if _PROC_FD.is_dir():
+            with mock.patch.object(os, "open", _recording_open):
+                yield
+        else:
+            yield
+    finally:
+        _RECORDING.pop()
+
 
 def run_cli(argv: list[str]) -> CliRun:
     """Run ``keystate`` in process, with stdout a strict UTF-8 stream (like a terminal or a pipe)."""
@@ -62,15 +98,11 @@ def run_cli(argv: list[str]) -> CliRun:
     out = io.TextIOWrapper(raw_out, encoding="utf-8", errors="strict", newline="\n", write_through=True)
     err = io.StringIO()
     touched: list[tuple[str, str]] = []
-    _RECORDING.append(touched)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = cli_run(argv)
-            except SystemExit as exc:  # argparse: bad usage
-                code = exc.code if isinstance(exc.code, int) else 2
-    finally:
-        _RECORDING.pop()
+    with _recording(touched), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli_run(argv)
+        except SystemExit as exc:  # argparse: bad usage
+            code = exc.code if isinstance(exc.code, int) else 2
     out.flush()
     text = raw_out.getvalue().decode("utf-8")
     out.detach()
@@ -102,21 +134,30 @@ def check_cli_run(result: CliRun, *, confined_to: tuple[Path, ...] = (), watched
         assert result.err == "", result
     if result.code == 1:
         assert command in ("verify", "check-restore") or "--verify" in result.argv, result
-    if result.code in (0, 1) and "--json" in result.argv:
-        json.loads(result.out, parse_constant=_reject_constant)
+    if "--json" in result.argv:  # one JSON object, on errors too: {"error": {"kind", "message"}}
+        doc = json.loads(result.out, parse_constant=_reject_constant)
+        if result.code not in (0, 1):
+            assert isinstance(doc, dict), result
+            assert set(doc) == {"error"}, result
+            assert set(doc["error"]) == {"kind", "message"}, result
+            assert doc["error"]["kind"] != "internal", result
     if command == "dump" and result.code == 0:
         for line in result.out.splitlines():
             json.loads(line, parse_constant=_reject_constant)
     writes = [t for t in result.touched if t[0] in _WRITE_EVENTS or t[0] == "open-write"]
     assert not writes, (result.argv, writes)
     if watched is not None:
-        for _, path in result.touched:
+        for kind, path in result.touched:
             if _under(path, watched):
-                assert any(_under(path, c) for c in confined_to), (result.argv, path)
+                # A directory above the location is opened only to walk down to it (the store goes one
+                # directory at a time from its root); anything else must lie under the location.
+                passed = kind == "open-dir" and any(_under(c, path) for c in confined_to)
+                assert passed or any(_under(path, c) for c in confined_to), (result.argv, kind, path)
 
 
-def _under(path: str | Path, base: Path) -> bool:
-    """Whether ``path``, normalized lexically (symlinks are not resolved), is ``base`` or below it."""
-    full = os.path.normpath(os.path.abspath(path))
-    top = os.path.normpath(os.path.abspath(base))
+def _under(path: str | Path, base: str | Path) -> bool:
+    """Whether ``path``, with its links resolved, is ``base`` or below it (a lexical check would take a
+    file reached through a linked directory under ``base`` for one inside it)."""
+    full = os.path.realpath(path)
+    top = os.path.realpath(base)
     return full == top or full.startswith(top + os.sep)

@@ -1,7 +1,7 @@
 """Properties of (f) the CLI: inspect / verify / dump / check-restore / list on damaged copies of a real
-checkpoint (rewritten, deleted, symlinked or sparse files, extra checkpoints and savepoints, a damaged
-topology file) exit 0, 1 or 2, with at most one line on stderr, no traceback, no write and no file
-outside the location touched."""
+checkpoint (rewritten, deleted, symlinked or sparse files, symlinked directories, extra checkpoints and
+savepoints, a damaged topology file) exit 0, 1 or 2, with at most one line on stderr, no traceback, no
+write and no file outside the location touched."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from keystate.storage import validation
 from keystate.storage.checkpoints import METADATA_FILE
+from keystate.storage.format import validation
 from tests.fuzz import samples
 from tests.fuzz.cli_harness import check_cli_run, run_cli
 from tests.fuzz.document_properties import topology_mutated
@@ -55,7 +55,7 @@ def cli_examples(draw: st.DrawFn, template: CliTemplate) -> CliExample:
     files = template.state_files
     for _ in range(draw(st.integers(0, 3))):
         kind = draw(st.sampled_from(["metadata-plausible", "metadata-plausible", "metadata-json", "metadata-bytes",
-                                     "state-bytes", "state-bytes", "delete", "symlink",
+                                     "state-bytes", "state-bytes", "delete", "symlink", "dir-symlink",
                                      "directory", "sparse-metadata", "metadata-symlink", "extra-checkpoint",
                                      "savepoint"]))  # fmt: skip
         if kind in ("metadata-json", "metadata-plausible"):
@@ -74,6 +74,8 @@ def cli_examples(draw: st.DrawFn, template: CliTemplate) -> CliExample:
         elif kind == "symlink":
             target = draw(st.sampled_from(["same", "other", "devnull", "dangling", "subdir", "loop", "root"]))
             mutations.append(("symlink", draw(st.sampled_from(files)), target))
+        elif kind == "dir-symlink":
+            mutations.append(("dir-symlink", draw(st.sampled_from(template.state_dirs))))
         elif kind == "metadata-symlink":
             mutations.append(("symlink", METADATA_FILE, draw(st.sampled_from(["same", "dangling", "subdir",
                                                                                 "loop", "devnull"]))))  # fmt: skip
@@ -100,9 +102,19 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _through_link(root: Path, path: Path) -> bool:
+    """Whether a directory between ``root`` and ``path`` is a link (an earlier ``dir-symlink``): a mutation
+    there would change the template's decoy, which every example shares."""
+    return any(p.is_symlink() for p in path.parents if p != root and p.is_relative_to(root))
+
+
 def _apply(template: CliTemplate, root: Path, mutation: tuple[Any, ...]) -> None:
     directory = root / template.checkpoint
     kind = mutation[0]
+    if kind in ("state", "delete", "directory", "symlink", "dir-symlink") and _through_link(
+        root, directory / mutation[1]
+    ):
+        return
     if kind == "metadata":
         path = directory / METADATA_FILE
         if path.is_symlink() or path.is_dir():
@@ -120,6 +132,12 @@ def _apply(template: CliTemplate, root: Path, mutation: tuple[Any, ...]) -> None
         if path.is_symlink() or path.is_file():
             path.unlink()
         path.mkdir(exist_ok=True)
+    elif kind == "dir-symlink":
+        path = directory / mutation[1]
+        if path.is_symlink() or not path.is_dir():
+            return
+        shutil.rmtree(path)
+        path.symlink_to(template.outside / "tree" / mutation[1], target_is_directory=True)
     elif kind == "symlink":
         name, target = mutation[1], mutation[2]
         path = directory / name
@@ -185,7 +203,8 @@ def check_cli(ctx: FuzzContext, ex: CliExample) -> None:
             ["check-restore", location, "--topology", str(topology), *json_flag],
             ["list", str(root), *json_flag],
         ]
-        confined = (root, topology, template.outside)
+        # Not template.outside: the links the mutations plant point there, and paths are resolved.
+        confined = (root, topology)
         with document_limit(1 << 20 if ex.limit_document else None):
             for argv in commands:
                 check_cli_run(run_cli(argv), confined_to=confined, watched=ctx.scratch)

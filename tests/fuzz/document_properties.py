@@ -25,6 +25,7 @@ from keystate.storage import (
     TopologyError,
 )
 from keystate.storage.base import join_key, validate_key
+from keystate.storage.format import dump_metadata, parse_metadata
 from keystate.tools.render import render_graph, render_operator, render_report, render_summary
 from keystate.tools.summary import summarize
 from tests.fuzz import samples
@@ -117,10 +118,10 @@ def _check_handle_path(checkpoint: CompletedCheckpoint, handle: StreamHandle) ->
 
 def check_accepted_metadata(m: CheckpointMetadata) -> None:
     """Accepted metadata round-trips, keeps its paths inside the checkpoint, and every tool can show it."""
-    data = m.to_json_bytes()
-    again = CheckpointMetadata.from_json_bytes(data, WHERE)
+    data = dump_metadata(m)
+    again = parse_metadata(data, WHERE)
     assert again == m
-    assert again.to_json_bytes() == data
+    assert dump_metadata(again) == data
     checkpoint = CompletedCheckpoint(CheckpointStorage(MemoryObjectStore("fuzz"), "root"), _checkpoint_directory(m), m)
     for handle in m.handles():
         _check_handle_path(checkpoint, handle)
@@ -136,8 +137,8 @@ def check_accepted_metadata(m: CheckpointMetadata) -> None:
 
 
 def check_metadata_bytes(ctx: FuzzContext, data: bytes) -> None:
-    """``from_json_bytes`` returns metadata that round-trips, or raises ``MetadataError`` naming the file."""
-    metadata = _parse_or_refuse(CheckpointMetadata.from_json_bytes, MetadataError, data, WHERE)
+    """``parse_metadata`` returns metadata that round-trips, or raises ``MetadataError`` naming the file."""
+    metadata = _parse_or_refuse(parse_metadata, MetadataError, data, WHERE)
     if metadata is not None:
         check_accepted_metadata(metadata)
 

@@ -1,4 +1,4 @@
-"""Valid inputs that the fuzzers mutate: the golden ``_metadata`` documents, the DESIGN.md topology, state
+"""Valid inputs that the fuzzers mutate: the golden ``_metadata`` documents, the documented topology, state
 files from ``StateFileWriter``, a real keyed snapshot (LMDB backend through ``CheckpointStorage``) and a
 real checkpoint directory for the CLI, with copies of its files outside the root (:class:`CliTemplate`).
 """
@@ -44,14 +44,15 @@ from keystate.storage import (
     open_storage,
 )
 from keystate.storage.checkpoints import METADATA_FILE
-from keystate.storage.statefile import (
+from keystate.storage.format import dump_metadata
+from keystate.storage.format.statefile import (
     BLOCK_HEADER,
     END_MARKER,
     FILE_HEADER,
     Compression,
     StateFileSummary,
-    StateFileWriter,
 )
+from keystate.storage.statefile_io import StateFileWriter
 
 __all__ = [
     "CLI_JOB_ID",
@@ -85,7 +86,7 @@ DESIGN_TOPOLOGY = b"""{"format_version": 1,
    {"uid": "orders", "parallelism": 2, "max_parallelism": 128, "inputs": []},
    {"uid": "totals", "parallelism": 4, "inputs": [{"from": "orders", "partitioning": "hash"}]}]}
 """
-"""The topology file example of DESIGN.md section 8, byte for byte."""
+"""The topology file example of docs/architecture.md#the-topology-file and docs/format.md, byte for byte."""
 
 
 def golden_documents() -> dict[str, bytes]:
@@ -332,7 +333,7 @@ def write_cli_checkpoint(root: Path) -> CheckpointMetadata:
 
 
 def metadata_document(metadata: CheckpointMetadata) -> Any:
-    return json.loads(metadata.to_json_bytes())
+    return json.loads(dump_metadata(metadata))
 
 
 @dataclass(frozen=True, repr=False)
@@ -346,7 +347,8 @@ class CliTemplate:
     """State files, relative to the checkpoint directory."""
     topology: Path
     outside: Path
-    """A directory next to the roots (outside every one) holding copies of the state files and metadata."""
+    """A directory next to the roots (outside every one) holding copies of the state files and metadata,
+    and of the whole checkpoint directory under ``tree/``."""
 
     def __repr__(self) -> str:
         return f"CliTemplate({str(self.root)!r})"
@@ -354,6 +356,12 @@ class CliTemplate:
     @property
     def checkpoint(self) -> str:
         return f"{CLI_JOB_ID}/chk-5"
+
+    @property
+    def state_dirs(self) -> tuple[str, ...]:
+        """The directories that hold state files, relative to the checkpoint directory."""
+        parents = {p for name in self.state_files for p in Path(name).parents if p != Path(".")}
+        return tuple(sorted(p.as_posix() for p in parents))
 
     @classmethod
     def build(cls, base: Path) -> CliTemplate:
@@ -367,6 +375,7 @@ class CliTemplate:
             shutil.copyfile(directory / name, outside / f"state-{i}.ksf")
         shutil.copyfile(directory / METADATA_FILE, outside / METADATA_FILE)
         (outside / "subdir").mkdir()
+        shutil.copytree(directory, outside / "tree")  # what a linked directory of the checkpoint points to
         topology = base / "topology.json"
         topology.write_bytes(metadata.topology().to_json_bytes())
         data = (directory / METADATA_FILE).read_bytes()

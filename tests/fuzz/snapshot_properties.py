@@ -30,6 +30,7 @@ from keystate.statebackend.keyed import KVKeyedStateBackend
 from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
+    FormatError,
     HandleScope,
     KeyedStateHandle,
     KeyGroupRange,
@@ -39,7 +40,12 @@ from keystate.storage import (
     SubtaskState,
 )
 from keystate.storage.base import join_key
-from keystate.storage.statefile import Compression, StateFileSummary, StateFileWriter, format_checksum
+from keystate.storage.format.statefile import (
+    Compression,
+    StateFileSummary,
+    format_checksum,
+)
+from keystate.storage.statefile_io import StateFileWriter
 from tests.fuzz import samples
 from tests.fuzz.cli_harness import check_cli_run, run_cli
 from tests.fuzz.harness import FuzzContext, attempt_typed
@@ -284,6 +290,7 @@ def snapshot_checkpoint(ctx: FuzzContext, ex: SnapshotExample) -> str | None:
     except MetadataError:
         assert not ex.identity
         return None  # such a handle cannot be written or read: the metadata model refuses it
+    writer.adopt([handle])  # written with a plain put above, not through a stream of this writer
     writer.commit(metadata)
     checkpoint = storage.load(writer.directory)
     handle = checkpoint.metadata.operators[0].subtasks[0].keyed[0]
@@ -319,4 +326,15 @@ def snapshot_checkpoint(ctx: FuzzContext, ex: SnapshotExample) -> str | None:
     check_cli_run(result)
     if ex.identity:
         assert result.code == 0, result
+    # verify decodes with the restore's decoder: what a restore refuses as damage, verify refuses (a
+    # restore may also refuse what depends on its backend, e.g. another max parallelism: not damage).
+    verified = run_cli(["verify", location])
+    check_cli_run(verified)
+    if not ok_restore and isinstance(restored, FormatError):
+        assert verified.code != 0, (restored, verified)
+    if verified.code == 0:
+        assert ok_entries, entries
+        assert ok_pairs, pairs
+    if ex.identity:
+        assert verified.code == 0, verified
     return location

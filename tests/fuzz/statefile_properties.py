@@ -12,15 +12,15 @@ from hypothesis import strategies as st
 
 from keystate.storage import LocalObjectStore
 from keystate.storage.errors import StateFileError
-from keystate.storage.statefile import (
+from keystate.storage.format.statefile import (
     FILE_HEADER,
     MAGIC,
     BytesSource,
     Compression,
     StateFileReader,
-    StoreSource,
     format_checksum,
 )
+from keystate.storage.statefile_io import StoreSource
 from tests.fuzz import samples
 from tests.fuzz.harness import FuzzContext, attempt
 from tests.fuzz.strategies import mutated_bytes

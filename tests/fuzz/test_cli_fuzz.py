@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from keystate.storage import validation
-from tests.fuzz.cli_harness import check_cli_run, run_cli
+from keystate.storage.format import validation
+from tests.fuzz.cli_harness import _under, check_cli_run, run_cli
 from tests.fuzz.harness import FuzzContext, Property, run_property
 from tests.fuzz.properties import PROPERTIES
 from tests.fuzz.samples import CLI_JOB_ID, CliTemplate
@@ -93,6 +93,51 @@ def test_a_state_file_symlinked_outside_the_root(fuzz_context: FuzzContext, root
     failures = json.loads(verify.out)["verification"]["failures"]
     assert [f["handle"] for f in failures] == [f"exclusive:{name}"]
     assert dump.code == 2
+
+
+@pytest.mark.parametrize("level", ["state-directory", "checkpoint", "job"])
+def test_a_directory_symlinked_outside_the_root(
+    fuzz_context: FuzzContext, root: Path, tmp_path: Path, level: str
+) -> None:
+    """Regression: ``O_NOFOLLOW`` guarded only a key's last segment, so a linked directory anywhere on
+    its path (inside the checkpoint, the checkpoint or job directory itself) was followed, and the
+    audit check, which compared paths lexically, could not see it. The decoy holds identical bytes
+    (everything would verify): only where the files really are tells."""
+    relative = {
+        "state-directory": CHECKPOINT / "totals",
+        "checkpoint": CHECKPOINT,
+        "job": Path(CLI_JOB_ID),
+    }[level]
+    outside = tmp_path / "outside"
+    shutil.copytree(root / relative, outside)
+    shutil.rmtree(root / relative)
+    (root / relative).symlink_to(outside, target_is_directory=True)
+    results = [
+        run_cli(argv)
+        for argv in (
+            ["verify", str(root), "--json"],
+            ["dump", str(root), "--operator", "totals"],
+            ["list", str(root), "--json"],
+            ["inspect", str(root)],
+        )
+    ]
+    for result in results:
+        check_cli_run(result, confined_to=(root,), watched=tmp_path)
+    assert not any(_under(path, outside) for result in results for _, path in result.touched)
+    verify, dump, listing, inspect = results
+    if level == "state-directory":
+        assert verify.code == 1
+        failures = json.loads(verify.out)["verification"]["failures"]
+        assert failures
+        assert all("symbolic link" in f["error"] for f in failures), failures
+        assert dump.code == 2
+        assert "symbolic link" in dump.err
+        assert inspect.code == 0  # the metadata is not behind the link
+    else:
+        # The linked directory is not a checkpoint keystate lists: there is nothing below the root.
+        assert json.loads(listing.out)["checkpoints"] == []
+        assert inspect.code == 2
+        assert "Cannot find checkpoint" in inspect.err
 
 
 @pytest.mark.parametrize("target", ["dangling", "loop", "subdir", "devnull"])

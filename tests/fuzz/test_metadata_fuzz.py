@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from keystate.storage import CheckpointMetadata, MetadataError, OperatorStateEntry
-from keystate.storage.metadata import DistributionMode
+from keystate.storage import MetadataError, OperatorStateEntry
+from keystate.storage.format import parse_metadata
+from keystate.storage.format.metadata import DistributionMode
 from tests.fuzz.document_properties import WHERE, check_metadata_bytes
 from tests.fuzz.harness import FuzzContext, Property, run_property
 from tests.fuzz.properties import PROPERTIES
@@ -22,19 +23,19 @@ def test_property(prop: Property, fuzz_context: FuzzContext) -> None:
 def test_the_golden_documents_are_accepted(fuzz_context: FuzzContext) -> None:
     for data in golden_documents().values():
         check_metadata_bytes(fuzz_context, data)
-        CheckpointMetadata.from_json_bytes(data, WHERE)
+        parse_metadata(data, WHERE)
 
 
 @pytest.mark.parametrize("field", ["name", "serializer"])
 @pytest.mark.parametrize("text", ["\ud800", "ok\udfff", "\udcff\udcff"])
 def test_lone_surrogate_in_a_state_name_is_a_metadata_error(field: str, text: str) -> None:
     """Regression: a state (or serializer) name with a lone surrogate parsed, then could not be written
-    back (``UnicodeEncodeError`` from ``to_json_bytes``, e.g. when the runtime re-commits metadata)."""
+    back (``UnicodeEncodeError`` from ``dump_metadata``, e.g. when the runtime re-commits metadata)."""
     doc = json.loads(golden_documents()["metadata_v1_checkpoint"])
     doc["operators"][1]["subtasks"][1]["operator"][0]["states"][0][field] = text
     data = json.dumps(doc).encode()  # ASCII: the surrogate travels as a \\u escape, as valid JSON allows
     with pytest.raises(MetadataError, match=r"operators\[1\].*lone surrogate") as caught:
-        CheckpointMetadata.from_json_bytes(data, WHERE)
+        parse_metadata(data, WHERE)
     assert str(caught.value).startswith(WHERE + ":")
 
 

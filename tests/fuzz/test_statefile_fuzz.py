@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from keystate.storage import LocalObjectStore, StateFileError
-from keystate.storage.statefile import (
+from keystate.storage.format.statefile import (
     BLOCK_HEADER,
     FILE_HEADER,
     MAGIC,
@@ -19,8 +19,8 @@ from keystate.storage.statefile import (
     BytesSource,
     Compression,
     StateFileReader,
-    StoreSource,
 )
+from keystate.storage.statefile_io import StoreSource
 from tests.fuzz.harness import FuzzContext, Property, run_property
 from tests.fuzz.properties import PROPERTIES
 

@@ -1,4 +1,4 @@
-"""(d) Topology files: arbitrary JSON and mutations of the DESIGN.md example."""
+"""(d) Topology files: arbitrary JSON and mutations of the documented example."""
 
 from __future__ import annotations
 

@@ -44,6 +44,9 @@ def test_the_wheel_has_one_top_level_package(wheel: Path) -> None:
     for layer in ("storage", "statebackend", "runtime", "tools"):
         assert f"keystate/{layer}/__init__.py" in names
         assert f"keystate/{layer}/py.typed" in names
+    # Sub-packages of the layers come along (they are found through the symlinks, not listed by hand).
+    assert "keystate/storage/format/__init__.py" in names
+    assert "keystate/storage/format/flink/__init__.py" in names
     assert not [n for n in names if "/tests/" in n or n.startswith("tests/")]
 
 

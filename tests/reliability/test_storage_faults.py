@@ -51,9 +51,9 @@ from keystate.storage import (
     open_storage,
 )
 from keystate.storage.faults import Fault, FaultRule, FaultyObjectStore
+from keystate.storage.format.topology import Topology, TopologyOperator
 from keystate.storage.retry import RetryPolicy
 from keystate.storage.s3faults import S3FaultInjector, S3FaultRule
-from keystate.storage.topology import Topology, TopologyOperator
 from tests.runtime.e2e_support import (
     Completed,
     Flag,

@@ -33,7 +33,7 @@ from keystate.runtime.sources import SequenceSource
 from keystate.statebackend.serializers import IntSerializer
 from keystate.statebackend.state import ValueState, ValueStateDescriptor
 from keystate.storage.checkpoints import CompletedCheckpoint
-from keystate.storage.metadata import OperatorStatus
+from keystate.storage.format.metadata import OperatorStatus
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ BACKENDS = ["lmdb", "heap"]
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on a fresh event loop in asyncio debug mode (STYLE.md 13)."""
+    """Run a coroutine on a fresh event loop in asyncio debug mode (every asyncio test does)."""
     return asyncio.run(coro, debug=True)
 
 
@@ -188,7 +188,7 @@ class Flag:
 
 
 class Recorder(Operator):
-    """Forwards records and logs every lifecycle call (reference J2) into a shared :class:`EventLog`."""
+    """Forwards records and logs every lifecycle call (docs/flink-rules.md#j2) into a shared :class:`EventLog`."""
 
     def __init__(self, log: EventLog, *, forward: bool = True) -> None:
         self.log = log

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from keystate.storage.keygroups import KeyGroupRange
-from keystate.storage.metadata import (
+from keystate.storage.format.keygroups import KeyGroupRange
+from keystate.storage.format.metadata import (
     DistributionMode,
     HandleScope,
     KeyedStateHandle,
@@ -11,7 +11,10 @@ from keystate.storage.metadata import (
     OperatorStateHandle,
     StreamHandle,
 )
-from keystate.storage.statefile import Compression, StateFileWriter
+from keystate.storage.format.statefile import (
+    Compression,
+)
+from keystate.storage.statefile_io import StateFileWriter
 
 JOB_ID = "ab" * 16
 ELEMENT = 4

@@ -1,4 +1,4 @@
-"""State assignment on restore (reference E4-E7, F2-F5; Flink's StateAssignmentOperationTest):
+"""State assignment on restore (rules E4-E7, F2-F5 of docs/flink-rules.md; Flink's StateAssignmentOperationTest):
 :func:`assign_state` and :func:`effective_topology` on checkpoints built in code.
 """
 
@@ -15,8 +15,8 @@ from keystate.runtime.restore_rules import check_restore
 from keystate.runtime.task import TaskRestore
 from keystate.statebackend.repartition import repartition_operator_state
 from keystate.storage.checkpoints import CompletedCheckpoint
-from keystate.storage.keygroups import KeyGroupRange, default_max_parallelism, key_group_range_for_subtask
-from keystate.storage.metadata import (
+from keystate.storage.format.keygroups import KeyGroupRange, default_max_parallelism, key_group_range_for_subtask
+from keystate.storage.format.metadata import (
     CheckpointKind,
     CheckpointMetadata,
     DistributionMode,
@@ -25,7 +25,7 @@ from keystate.storage.metadata import (
     OperatorStateHandle,
     SubtaskState,
 )
-from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from keystate.storage.format.topology import InputEdge, Partitioning, Topology, TopologyOperator
 from keystate.storage.uri import open_storage
 from tests.runtime.handles import JOB_ID, keyed_handle, operator_handle
 

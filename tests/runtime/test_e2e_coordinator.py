@@ -1,4 +1,5 @@
-"""End to end: checkpoint failures and retention (reference I1-I4, DESIGN.md section 3 step 5).
+"""End to end: checkpoint failures and retention (rules I1-I4 of docs/flink-rules.md;
+docs/architecture.md#how-a-checkpoint-flows, step 5).
 
 A checkpoint that times out, whose state cannot be written, or whose ``_metadata`` cannot be committed
 is aborted: tasks are told, its files are removed, completed checkpoints stay loadable (and restorable),
@@ -18,7 +19,7 @@ import pytest
 from keystate.runtime import CheckpointFailureReason, JobGraph, JobStatus, Operator, load_checkpoint, submit
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
 from keystate.storage.errors import StorageError
-from keystate.storage.metadata import CheckpointMetadata, HandleScope
+from keystate.storage.format.metadata import CheckpointMetadata, HandleScope
 from keystate.storage.streams import StateOutputStream
 from tests.runtime.e2e_support import (
     BACKENDS,

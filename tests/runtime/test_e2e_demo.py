@@ -1,4 +1,4 @@
-"""End to end: the demo job (DESIGN.md section 9) ends with a drained savepoint and committed output."""
+"""End to end: the demo job (docs/architecture.md#the-demo-job) ends with a drained savepoint and committed output."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from keystate.runtime.demo import _order, run_demo
-from keystate.storage.metadata import CheckpointKind, OperatorStatus
+from keystate.storage.format.metadata import CheckpointKind, OperatorStatus
 from tests.runtime.e2e_support import run
 
 

@@ -1,4 +1,5 @@
-"""End to end: failover (reference E1, E5, CheckpointAfterAllTasksFinishedITCase.testFailoverAfterSomeTasksFinished,
+"""End to end: failover (rules E1, E5 of docs/flink-rules.md;
+CheckpointAfterAllTasksFinishedITCase.testFailoverAfterSomeTasksFinished,
 PartiallyFinishedSourcesITCase with failover, FinishedSourcesWatermarkITCase) and exactly-once under random failures.
 
 A failure restarts the whole job from the latest completed checkpoint: operators that checkpoint
@@ -16,7 +17,7 @@ import pytest
 
 from keystate.runtime import MAX_WATERMARK, JobGraph, JobStatus, submit
 from keystate.storage.checkpoints import CompletedCheckpoint
-from keystate.storage.metadata import OperatorStatus
+from keystate.storage.format.metadata import OperatorStatus
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,

@@ -1,4 +1,5 @@
-"""End to end: the final checkpoint (reference C5-C7, H3-H4, CheckpointAfterAllTasksFinishedITCase).
+"""End to end: the final checkpoint (rules C5-C7, H3-H4 of docs/flink-rules.md;
+CheckpointAfterAllTasksFinishedITCase).
 
 A bounded job finishes promptly even with a huge checkpoint interval because the coordinator checkpoints
 at once when every task reached end of data; that one checkpoint commits the output of every
@@ -16,7 +17,7 @@ import pytest
 from keystate.runtime import JobGraph, JobStatus, SequenceSource, run_job
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
 from keystate.storage.errors import StorageError
-from keystate.storage.metadata import CheckpointMetadata
+from keystate.storage.format.metadata import CheckpointMetadata
 from tests.runtime.e2e_support import (
     BACKENDS,
     EventLog,
@@ -69,7 +70,7 @@ def test_huge_interval_finishes_promptly_with_immediate_final_checkpoint(tmp_pat
 
 def test_checkpointing_disabled_finishes_without_waiting_and_sink_commits(tmp_path: Path) -> None:
     # testNotWaitingForAllRecordsProcessedIfCheckpointNotEnabled. Without checkpoints, the 2PC sink
-    # commits its last transaction in finish() (Flink's committer at end of input, reference H4).
+    # commits its last transaction in finish() (Flink's committer at end of input, rule H4).
     log = EventLog()
     out = tmp_path / "out"
     job = JobGraph("no-checkpoints")
@@ -148,7 +149,7 @@ def test_failed_final_checkpoint_is_retried_with_huge_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interval: float
 ) -> None:
     # The immediate final checkpoint fails (tolerated); the coordinator must not leave the finished
-    # tasks waiting for the next periodic checkpoint an hour later (reference E3).
+    # tasks waiting for the next periodic checkpoint an hour later (see rule C7).
     out = tmp_path / "out"
     failed: list[int] = []
     real_commit = CheckpointWriter.commit

@@ -1,4 +1,5 @@
-"""End to end: checkpoints after some tasks finished (reference B, D3-D4, PartiallyFinishedSourcesITCase).
+"""End to end: checkpoints after some tasks finished (rules B, D3-D4 of docs/flink-rules.md;
+PartiallyFinishedSourcesITCase).
 
 Once a bounded branch finished, checkpoints keep completing and record its operators ``fully_finished``;
 subtasks that finished while their siblings run get finished markers; with the feature switched off,
@@ -29,7 +30,7 @@ from keystate.runtime import (
 from keystate.statebackend.serializers import IntSerializer
 from keystate.statebackend.state import ListStateDescriptor
 from keystate.storage.checkpoints import CompletedCheckpoint
-from keystate.storage.metadata import OperatorStatus
+from keystate.storage.format.metadata import OperatorStatus
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,
@@ -53,7 +54,8 @@ PARTIAL = OperatorStatus.PARTIALLY_FINISHED
 
 
 def _bounded_and_unbounded(out: Path) -> JobGraph:
-    """DESIGN.md section 9's shape: bounded and unbounded sources, keyed operators, one shared 2PC sink."""
+    """The demo job's shape (docs/architecture.md#the-demo-job): bounded and unbounded sources, keyed operators,
+    one shared 2PC sink."""
     job = JobGraph("mixed")
     bounded = job.source(MixedSource(BOUNDED), uid="bounded", parallelism=2)
     unbounded = job.source(MixedSource([None, None], first_split=10, rates=[300, 300]), uid="unbounded", parallelism=2)
@@ -200,7 +202,7 @@ class UnionCounter(Operator):
 
 
 def test_union_list_state_declines_checkpoints_until_all_subtasks_finish(tmp_path: Path) -> None:
-    # Reference D3 union check 2 / E4: subtask 0 ends its data long before subtask 1; checkpoints are
+    # Rule D3.3 (union list state) / E4: subtask 0 ends its data long before subtask 1; checkpoints are
     # declined with CHECKPOINT_DECLINED_TASK_CLOSING (not counted: tolerance 0 survives) until both did.
     out = tmp_path / "out"
     completed = Completed()

@@ -1,4 +1,5 @@
-"""End to end: the operator lifecycle order of reference J1/J2 on a real job, also on failure and cancel.
+"""End to end: the operator lifecycle order of rules J1/J2 (docs/flink-rules.md) on a real job, also on failure
+and cancel.
 
 Ported from StopWithSavepointITCase / BoundedSourceITCase's FinishingValidator: per subtask, last record
 -> MAX_WATERMARK -> end_input -> finish -> snapshot_state (final checkpoint) -> notify_checkpoint_complete
@@ -73,7 +74,7 @@ def test_bounded_job_follows_flink_lifecycle_order(tmp_path: Path, backend: str)
     log = EventLog()
     out = tmp_path / "out"
     job = _lifecycle_job(out, log)
-    # A long interval: the only checkpoint is the immediate final one (reference C7).
+    # A long interval: the only checkpoint is the immediate final one (rule C7).
     result = run(run_job(job, job_config(tmp_path, interval=3600, backend=backend)))
     assert result.status is JobStatus.FINISHED, result.error
     for uid, parallelism in (("map", 2), ("keyed", 2), ("sink", 1)):

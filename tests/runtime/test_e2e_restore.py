@@ -1,4 +1,4 @@
-"""End to end: restoring checkpoints taken after some tasks finished (reference E5-E7,
+"""End to end: restoring checkpoints taken after some tasks finished (rules E5-E7 of docs/flink-rules.md;
 CheckpointAfterAllTasksFinishedITCase.testRestoreAfterSomeTasksFinished).
 
 A fully finished operator is deployed finished-on-restore (its code never runs again) and stays fully
@@ -24,7 +24,7 @@ from keystate.runtime import (
 from keystate.statebackend.serializers import IntSerializer
 from keystate.statebackend.state import ValueStateDescriptor
 from keystate.storage.checkpoints import CompletedCheckpoint
-from keystate.storage.metadata import OperatorStatus
+from keystate.storage.format.metadata import OperatorStatus
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,
@@ -126,7 +126,7 @@ def test_restore_after_some_tasks_finished(tmp_path: Path, backend: str) -> None
     assert staged(tmp_path / "out-a") == []
     assert staged(tmp_path / "out-b") == []
 
-    # A new operator in front of a fully finished one is refused, naming the rule (reference E7, V3).
+    # A new operator in front of a fully finished one is refused, naming the rule (rules E7, V3).
     async def bad_restore() -> None:
         job = _two_pipelines(tmp_path, EventLog(), EventLog(), extra_before_pass=True)
         submit(job, job_config(tmp_path), restore_from=savepoint.location)
@@ -218,6 +218,6 @@ def test_rescale_partially_finished_keyed_operator(tmp_path: Path, backend: str)
     restored = [e for e in second.events if e.name == "restored"]
     keys = [e.arg[0] for e in restored]
     assert len(keys) == len(set(keys)), f"a key was restored into two subtasks: {sorted(keys)}"
-    # Only the running subtask's state survives (reference E6); the finished subtask's keys start empty.
+    # Only the running subtask's state survives (rule E6); the finished subtask's keys start empty.
     assert dict(e.arg for e in restored) == dict(per_subtask[1])
     assert {e.index for e in restored} <= {0, 1, 2}

@@ -1,4 +1,5 @@
-"""End to end: stop-with-savepoint with and without drain, and resuming (reference G1-G6, StopWithSavepointITCase).
+"""End to end: stop-with-savepoint with and without drain, and resuming (rules G1-G6 of docs/flink-rules.md;
+StopWithSavepointITCase).
 
 With drain, every task runs end_input/finish and then waits for that very savepoint, which commits all
 output. Without drain, neither runs, and a job restored from the savepoint continues every source and
@@ -16,7 +17,7 @@ import pytest
 from keystate.runtime import MAX_WATERMARK, JobGraph, JobResult, JobStatus, StopWithSavepointError, submit
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
 from keystate.storage.errors import StorageError
-from keystate.storage.metadata import CheckpointKind, CheckpointMetadata, OperatorStatus
+from keystate.storage.format.metadata import CheckpointKind, CheckpointMetadata, OperatorStatus
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,

@@ -1,4 +1,4 @@
-"""Finalizing a checkpoint (reference D2-D4, I3): Flink's DefaultCheckpointPlanTest scenarios against
+"""Finalizing a checkpoint (rules D2-D4, I3 of docs/flink-rules.md): Flink's DefaultCheckpointPlanTest scenarios against
 ``CheckpointCoordinator._build_metadata``, the decline reason of D4, and failure accounting.
 """
 
@@ -21,7 +21,7 @@ from keystate.runtime.errors import CheckpointFailedError
 from keystate.runtime.events import CheckpointOptions
 from keystate.runtime.plan import SubtaskId, SubtaskStatus, calculate_plan
 from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
-from keystate.storage.metadata import (
+from keystate.storage.format.metadata import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointProperties,
@@ -30,7 +30,7 @@ from keystate.storage.metadata import (
     OperatorStatus,
     SubtaskState,
 )
-from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from keystate.storage.format.topology import InputEdge, Partitioning, Topology, TopologyOperator
 from keystate.storage.uri import open_storage
 from tests.runtime.handles import JOB_ID, keyed_handle, operator_handle
 

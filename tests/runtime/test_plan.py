@@ -1,4 +1,4 @@
-"""The checkpoint plan (reference B1-B5): Flink's DefaultCheckpointPlanCalculatorTest, ported.
+"""The checkpoint plan (rules B1-B5 of docs/flink-rules.md): Flink's DefaultCheckpointPlanCalculatorTest, ported.
 
 Notation of the scenarios: ``A2A`` = an all-to-all edge (hash, rebalance or broadcast), ``PW`` = a
 pointwise edge (forward at equal parallelism, rescale otherwise); ``v(p){i, j}`` = parallelism ``p``
@@ -22,7 +22,7 @@ from keystate.runtime.plan import (
     pointwise_sources,
     pointwise_targets,
 )
-from keystate.storage.topology import InputEdge, Partitioning, Topology, TopologyOperator
+from keystate.storage.format.topology import InputEdge, Partitioning, Topology, TopologyOperator
 
 A2A = [Partitioning.HASH, Partitioning.REBALANCE, Partitioning.BROADCAST]
 EQUAL_PW = [Partitioning.FORWARD, Partitioning.RESCALE]
@@ -148,7 +148,7 @@ def test_fully_finished_graph_awaits_nothing() -> None:
     check_plan(topology, {"a": range(2), "b": range(3)}, set(), {"a", "b"})
 
 
-# --- tasks that are not running (reference B2) ------------------------------------------------------
+# --- tasks that are not running (rule B2) -----------------------------------------------------------
 
 
 def _two_vertices() -> Topology:
@@ -198,7 +198,7 @@ def test_all_running_plan_unaffected_when_checkpoints_after_finish_disabled() ->
     assert plan.finished_tasks == frozenset()
 
 
-# --- pointwise subtask mapping (reference B5) -------------------------------------------------------
+# --- pointwise subtask mapping (rule B5) ------------------------------------------------------------
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -181,9 +181,9 @@ class CrashingStore(LocalObjectStore):
             die()
         super().put(key, data, mode)
 
-    def _write_temp(self, path: Path, write: Callable[[BinaryIO], object]) -> Path:
-        if not (self._at("mid-metadata-temp") and path.name == METADATA_FILE):
-            return super()._write_temp(path, write)
+    def _write_temp(self, parent: int, name: str, write: Callable[[BinaryIO], object], key: str) -> str:
+        if not (self._at("mid-metadata-temp") and name == METADATA_FILE):
+            return super()._write_temp(parent, name, write, key)
 
         def write_half(f: BinaryIO) -> None:
             buffer = io.BytesIO()
@@ -193,7 +193,15 @@ class CrashingStore(LocalObjectStore):
             f.flush()
             die()
 
-        return super()._write_temp(path, write_half)
+        return super()._write_temp(parent, name, write_half, key)
+
+
+def _has(directory: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def install_link_and_fsync_points(store: CrashingStore) -> list[Any]:
@@ -206,10 +214,10 @@ def install_link_and_fsync_points(store: CrashingStore) -> list[Any]:
         if store._at("after-link") and os.path.basename(dst) == METADATA_FILE:
             die()
 
-    def fsync_dir(path: Path) -> None:
-        if store._at("before-dir-fsync") and (path / METADATA_FILE).exists():
+    def fsync_dir(fd: int) -> None:
+        if store._at("before-dir-fsync") and _has(fd, METADATA_FILE):
             die()
-        real_fsync_dir(path)
+        real_fsync_dir(fd)
 
     return [mock.patch.object(os, "link", link), mock.patch.object(_local, "_fsync_dir", fsync_dir)]
 

@@ -17,6 +17,7 @@ from keystate.storage import (
     MetadataError,
     PutMode,
 )
+from keystate.storage.format import dump_metadata
 from tests.storage.checkpoint_support import (
     BASE,
     JOB,
@@ -101,11 +102,11 @@ class TestCheckpointFinding(CheckpointStorageContract):
 
     def test_load_refuses_metadata_of_another_checkpoint(self, storage: CheckpointStorage) -> None:
         metadata = CheckpointMetadata(7, JOB, CheckpointKind.CHECKPOINT, 1, ())
-        storage.store.put(f"{BASE}/{JOB}/chk-5/{METADATA_FILE}", metadata.to_json_bytes())
+        storage.store.put(f"{BASE}/{JOB}/chk-5/{METADATA_FILE}", dump_metadata(metadata))
         with pytest.raises(MetadataError, match="directory chk-5 holds metadata of checkpoint 7"):
             storage.load(f"{BASE}/{JOB}/chk-5")
         savepoint_md = CheckpointMetadata(5, JOB, CheckpointKind.SAVEPOINT, 1, ())
-        storage.store.put(f"{BASE}/{JOB}/chk-5/{METADATA_FILE}", savepoint_md.to_json_bytes(), PutMode.OVERWRITE)
+        storage.store.put(f"{BASE}/{JOB}/chk-5/{METADATA_FILE}", dump_metadata(savepoint_md), PutMode.OVERWRITE)
         with pytest.raises(MetadataError, match="holds metadata of savepoint 5"):
             storage.load(f"{BASE}/{JOB}/chk-5")
 

@@ -37,6 +37,7 @@ from keystate.storage import (
     StreamOptions,
     SubtaskState,
 )
+from keystate.storage.format import dump_metadata
 from tests.conftest import BUCKET
 from tests.storage.checkpoint_support import (
     BASE,
@@ -151,7 +152,9 @@ class TestCheckpointWriting(CheckpointStorageContract):
 
     def test_second_commit_with_identical_bytes_succeeds(self, storage: CheckpointStorage) -> None:
         completed, written = checkpoint(storage, 3)
-        again = storage.begin_checkpoint(JOB, 3).commit(written.metadata)
+        second = storage.begin_checkpoint(JOB, 3)
+        second.adopt(written.metadata.handles())  # another writer's files: vouched for, not written here
+        again = second.commit(written.metadata)
         assert again.metadata == written.metadata
         assert_readable(storage.load(completed.directory), written)
 
@@ -203,7 +206,7 @@ class TestCheckpointWriting(CheckpointStorageContract):
         with pytest.raises(CommitOutcomeUnknownError, match="may still land"):
             writer.commit(written.metadata)
         writer.abort()  # must leave the state files: the PUT may land after the read-back
-        flaky.inner.put(f"{writer.directory}/{METADATA_FILE}", written.metadata.to_json_bytes(), PutMode.CREATE)
+        flaky.inner.put(f"{writer.directory}/{METADATA_FILE}", dump_metadata(written.metadata), PutMode.CREATE)
         assert_readable(storage.load(writer.directory), written)
 
     def test_abort_after_a_lost_conflict_removes_only_the_losers_files(self, storage: CheckpointStorage) -> None:

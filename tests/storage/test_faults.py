@@ -36,6 +36,7 @@ from keystate.storage import (
     make_s3_client,
 )
 from keystate.storage.faults import Fault, FaultRule, FaultyObjectStore
+from keystate.storage.format import dump_metadata
 from keystate.storage.retry import RetryingObjectStore, RetryPolicy, with_retries
 from keystate.storage.s3faults import S3FaultInjector, S3FaultRule
 
@@ -377,7 +378,7 @@ def test_s3_timeout_after_the_metadata_put_landed_completes_the_checkpoint(
     assert len(injector.attempts) == 2, "botocore retried the PUT; the retry met its own object (412)"
     raw = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
     body = raw.get_object(Bucket=server_bucket, Key=f"ckpt/{JOB}/chk-1/_metadata")["Body"].read()
-    assert body == metadata(1).to_json_bytes()
+    assert body == dump_metadata(metadata(1))
     assert completed.metadata == metadata(1)
 
 

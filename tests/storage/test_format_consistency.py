@@ -25,10 +25,14 @@ from keystate.storage import (
     open_storage,
 )
 from keystate.storage.errors import UnsupportedStateFileVersionError
-from keystate.storage.statefile import BLOCK_HEADER, FILE_HEADER, BytesSource
+from keystate.storage.format.statefile import (
+    BLOCK_HEADER,
+    FILE_HEADER,
+    BytesSource,
+)
+from keystate.storage.format.topology import Topology
+from keystate.storage.format.validation import safe_relative_path
 from keystate.storage.streams import state_file_name
-from keystate.storage.topology import Topology
-from keystate.storage.validation import safe_relative_path
 
 
 def write_file(chunks: list[bytes], block_size: int = 64, compression: Compression = Compression.ZSTD) -> bytes:

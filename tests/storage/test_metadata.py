@@ -36,7 +36,10 @@ from keystate.storage import (
     UnsafePathError,
     UnsupportedFormatVersionError,
 )
-from keystate.storage.statefile import format_checksum
+from keystate.storage.format import dump_metadata, parse_metadata
+from keystate.storage.format.statefile import (
+    format_checksum,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 JOB = "0123456789abcdef0123456789abcdef"
@@ -181,7 +184,7 @@ def golden_bytes(name: str) -> bytes:
 
 @pytest.mark.parametrize("name", list(SAMPLES))
 def test_serialization_matches_the_golden_file_byte_for_byte(name: str) -> None:
-    actual = SAMPLES[name]().to_json_bytes()
+    actual = dump_metadata(SAMPLES[name]())
     path = GOLDEN / name
     if os.environ.get("KEYSTATE_REGEN_GOLDEN") == "1" and (not path.exists() or path.read_bytes() != actual):
         path.write_bytes(actual)
@@ -192,9 +195,9 @@ def test_serialization_matches_the_golden_file_byte_for_byte(name: str) -> None:
 @pytest.mark.parametrize("name", list(SAMPLES))
 def test_golden_file_parses_back_to_an_equal_object(name: str) -> None:
     data = golden_bytes(name)
-    parsed = CheckpointMetadata.from_json_bytes(data, WHERE)
+    parsed = parse_metadata(data, WHERE)
     assert parsed == SAMPLES[name]()
-    assert parsed.to_json_bytes() == data
+    assert dump_metadata(parsed) == data
 
 
 def test_golden_files_hold_what_the_format_promises() -> None:
@@ -217,10 +220,10 @@ def test_golden_files_hold_what_the_format_promises() -> None:
 def test_every_truncation_of_a_golden_file_is_rejected(name: str) -> None:
     text = golden_bytes(name).rstrip(b"\n")
     # The trailing newline is whitespace: the document without it is still complete.
-    assert CheckpointMetadata.from_json_bytes(text, WHERE) == SAMPLES[name]()
+    assert parse_metadata(text, WHERE) == SAMPLES[name]()
     for n in range(len(text)):
         with pytest.raises(MetadataError) as info:
-            CheckpointMetadata.from_json_bytes(text[:n], WHERE)
+            parse_metadata(text[:n], WHERE)
         assert WHERE in str(info.value)
 
 
@@ -253,7 +256,7 @@ def test_every_truncation_of_a_golden_file_is_rejected(name: str) -> None:
 )
 def test_not_a_metadata_document(data: bytes, message: str) -> None:
     with pytest.raises(MetadataError, match=message) as info:
-        CheckpointMetadata.from_json_bytes(data, WHERE)
+        parse_metadata(data, WHERE)
     assert str(info.value).startswith(WHERE)
 
 
@@ -262,13 +265,13 @@ def test_duplicate_key_inside_the_document() -> None:
         b'"kind":"checkpoint"', b'"kind":"checkpoint","kind":"x"'
     )
     with pytest.raises(MetadataError, match="duplicate key 'kind'"):
-        CheckpointMetadata.from_json_bytes(data, WHERE)
+        parse_metadata(data, WHERE)
 
 
 def test_float_overflow_is_not_an_integer() -> None:
     data = golden_bytes("metadata_v1_checkpoint.json").replace(b'"timestamp":1700000000000', b'"timestamp":1e400')
     with pytest.raises(MetadataError, match="field 'timestamp' must be an integer, found inf"):
-        CheckpointMetadata.from_json_bytes(data, WHERE)
+        parse_metadata(data, WHERE)
 
 
 @pytest.mark.parametrize("version", [2, 0, -1, 99, "1", True, False, None, 1.0, [1], {"v": 1}])
@@ -276,7 +279,7 @@ def test_unsupported_format_version(version: object) -> None:
     doc = json.loads(golden_bytes("metadata_v1_checkpoint.json"))
     doc["format_version"] = version
     with pytest.raises(UnsupportedFormatVersionError) as info:
-        CheckpointMetadata.from_json_bytes(json.dumps(doc).encode(), WHERE)
+        parse_metadata(json.dumps(doc).encode(), WHERE)
     assert "format_version" in str(info.value)
     assert info.value.found == version
     assert info.value.supported == (1,)
@@ -285,11 +288,11 @@ def test_unsupported_format_version(version: object) -> None:
 
 def test_document_over_the_size_limit_is_refused_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     data = golden_bytes("metadata_v1_checkpoint.json")
-    monkeypatch.setattr("keystate.storage.validation.MAX_DOCUMENT_BYTES", len(data) - 1)
+    monkeypatch.setattr("keystate.storage.format.validation.MAX_DOCUMENT_BYTES", len(data) - 1)
     with pytest.raises(MetadataError, match=f"over the {len(data) - 1}-byte limit"):
-        CheckpointMetadata.from_json_bytes(data, WHERE)
-    monkeypatch.setattr("keystate.storage.validation.MAX_DOCUMENT_BYTES", len(data))
-    assert CheckpointMetadata.from_json_bytes(data, WHERE) == checkpoint_metadata()
+        parse_metadata(data, WHERE)
+    monkeypatch.setattr("keystate.storage.format.validation.MAX_DOCUMENT_BYTES", len(data))
+    assert parse_metadata(data, WHERE) == checkpoint_metadata()
 
 
 # --- derived values -----------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def test_topology_at_checkpoint_time() -> None:
 
 
 def test_a_finished_operator_status_survives_serialization() -> None:
-    parsed = CheckpointMetadata.from_json_bytes(checkpoint_metadata().to_json_bytes(), WHERE)
+    parsed = parse_metadata(dump_metadata(checkpoint_metadata()), WHERE)
     assert {op.uid: op.status.value for op in parsed.operators} == {
         "source": "fully_finished",
         "orders": "partially_finished",

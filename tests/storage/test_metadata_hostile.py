@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from keystate.storage import CheckpointMetadata, MetadataError, UnsafePathError
+from keystate.storage.format import dump_metadata, parse_metadata
 from tests.storage.test_metadata import WHERE, checkpoint_metadata, savepoint_metadata
 
 Doc = dict[str, Any]
@@ -23,12 +24,12 @@ JsonPath = tuple[str | int, ...]
 
 
 def sample_doc() -> Doc:
-    doc: Doc = json.loads(checkpoint_metadata().to_json_bytes())
+    doc: Doc = json.loads(dump_metadata(checkpoint_metadata()))
     return doc
 
 
 def parse(doc: object) -> CheckpointMetadata:
-    return CheckpointMetadata.from_json_bytes(json.dumps(doc, ensure_ascii=False).encode(), WHERE)
+    return parse_metadata(json.dumps(doc, ensure_ascii=False).encode(), WHERE)
 
 
 def show(path: JsonPath) -> str:
@@ -348,7 +349,7 @@ def test_properties() -> None:
 
 
 def test_a_savepoint_may_be_synchronous_with_or_without_drain() -> None:
-    doc = json.loads(savepoint_metadata().to_json_bytes())
+    doc = json.loads(dump_metadata(savepoint_metadata()))
     doc["properties"]["drain"] = False
     assert parse(doc).properties.synchronous
     doc["properties"]["synchronous"] = False
@@ -402,5 +403,5 @@ def test_a_lone_surrogate_in_any_string_field_is_rejected(path: JsonPath) -> Non
 
     doc = json.dumps(mutated(path, change)).encode()  # ensure_ascii: the surrogate as an escape
     with pytest.raises(MetadataError) as info:
-        CheckpointMetadata.from_json_bytes(doc, WHERE)
+        parse_metadata(doc, WHERE)
     assert WHERE in str(info.value)

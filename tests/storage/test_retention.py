@@ -219,3 +219,36 @@ def test_discard_failure_is_logged_not_raised(tmp_path: Path, caplog: pytest.Log
     assert [c.checkpoint_id for c in store.checkpoints] == [2]
     assert any("could not discard" in r.getMessage() and "chk-1" in r.getMessage() for r in caplog.records)
     assert (chk(tmp_path, 1) / METADATA_FILE).is_file(), "nothing was deleted"
+
+
+def test_recover_orders_by_id_keeps_savepoints_and_the_restored_checkpoint(
+    storage: CheckpointStorage, tmp_path: Path
+) -> None:
+    """An earlier run left checkpoints 8..13 (ids past 9, so a string order would be wrong) and a savepoint;
+    a new run restores from chk-10 and recovers them all, deleting nothing until its own checkpoint completes."""
+    earlier = CompletedCheckpointStore(storage, JOB, num_retained=10)
+    for cid in range(8, 14):
+        earlier.add(complete(storage, cid)[0])
+    savepoint = storage.begin_savepoint(JOB, 14).commit(CheckpointMetadata(14, JOB, CheckpointKind.SAVEPOINT, 5, ()))
+    restored = storage.load(str(chk(tmp_path, 10).relative_to(tmp_path)))
+
+    store = CompletedCheckpointStore(storage, JOB, num_retained=2)
+    recovered = store.recover()
+    assert [c.checkpoint_id for c in recovered] == [8, 9, 10, 11, 12, 13]
+    assert (chk(tmp_path, 10) / METADATA_FILE).is_file(), "recovering deletes nothing"
+    assert store.recover() == recovered, "recovering twice changes nothing"
+    new, _ = complete(storage, 15)
+    assert [c.checkpoint_id for c in store.add(new)] == [8, 9, 10, 11, 12]
+    assert not chk(tmp_path, restored.checkpoint_id).exists(), "subsumed once a newer checkpoint completed"
+    assert sorted(p.name for p in (tmp_path / JOB).iterdir()) == ["chk-13", "chk-15", "shared"]
+    assert storage.load(savepoint.directory).kind is CheckpointKind.SAVEPOINT
+
+
+def test_recover_keeps_checkpoints_added_before_it(storage: CheckpointStorage, tmp_path: Path) -> None:
+    complete(storage, 1)
+    store = CompletedCheckpointStore(storage, JOB, num_retained=3)
+    second, _ = complete(storage, 2)
+    store.add(second)
+    (chk(tmp_path, 2) / METADATA_FILE).unlink()  # not listed any more, but retained: still subsumed later
+    assert [c.checkpoint_id for c in store.recover()] == [1, 2]
+    assert store.latest() is second

@@ -40,6 +40,7 @@ from keystate.storage import (
     make_s3_client,
     open_storage,
 )
+from keystate.storage.format import dump_metadata
 from keystate.storage.s3faults import S3FaultInjector, S3FaultRule, injected_response, s3_error_response
 
 MISSING_BUCKET = "ks-no-such-bucket"
@@ -427,7 +428,7 @@ def test_retried_metadata_put_that_landed_is_a_successful_commit(
         if len(attempts) > 1:
             return None
         # The PUT reaches S3 and is applied, but the response is lost: botocore retries it.
-        raw_client(moto_endpoint).put_object(Bucket=server_bucket, Key=key, Body=metadata.to_json_bytes())
+        raw_client(moto_endpoint).put_object(Bucket=server_bucket, Key=key, Body=dump_metadata(metadata))
         return s3_error_response(request, 500, "InternalError")
 
     assert isinstance(storage.store, S3ObjectStore)

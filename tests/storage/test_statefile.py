@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from keystate.storage import LocalObjectStore, MemoryObjectStore
 from keystate.storage.errors import ChecksumMismatchError, StateFileError
-from keystate.storage.statefile import (
+from keystate.storage.format.statefile import (
     BLOCK_HEADER,
     END_MARKER,
     FILE_HEADER,
@@ -26,10 +26,9 @@ from keystate.storage.statefile import (
     Compression,
     StateFileReader,
     StateFileSummary,
-    StateFileWriter,
-    StoreSource,
     format_checksum,
 )
+from keystate.storage.statefile_io import StateFileWriter, StoreSource
 
 NAME = "memory://test/orders/0/keyed.ksf"
 
@@ -277,7 +276,7 @@ def header(magic: bytes = MAGIC, version: int = 1, code: int = 1, flags: int = 0
     ("head", "message"),
     [
         (header(magic=b"PK\x03\x04"), "not a keystate state file"),
-        (header(version=2), "version 2 is not supported"),
+        (header(version=3), "version 3 is not supported"),
         (header(version=0), "version 0 is not supported"),
         (header(code=7), "unknown compression code 7"),
         (header(flags=1), "unknown header flags"),
@@ -291,6 +290,22 @@ def test_bad_file_header(head: bytes, message: str) -> None:
     assert NAME in str(info.value)
     with pytest.raises(StateFileError, match=message):
         list(reader(data).iter_range(w.offsets[0], w.offsets[1]))
+
+
+@pytest.mark.parametrize(
+    "data", [b"root:x:0:0:root:/root:/bin/bash\n", b"AKIA\x00\x01SECRETKEY", b"\xff\xfe\x00\x01" * 8, b"KSS"]
+)
+def test_an_error_never_echoes_the_bytes_it_read(data: bytes) -> None:
+    """Regression: a file that is not a state file (reached through a link, in the red team's case
+    ``/etc/passwd``) had its first bytes quoted in the message: ``magic b'root'``."""
+    with pytest.raises(StateFileError) as info:
+        reader(data).read_all()
+    message = str(info.value)
+    for i in range(len(data) - 2):
+        fragment = data[i : i + 3]
+        assert repr(fragment)[2:-1] not in message.replace(repr(MAGIC), ""), (fragment, message)
+        if fragment.isascii() and fragment.decode().isalnum():
+            assert fragment.decode() not in message.replace(NAME, "").replace("KSSF", ""), (fragment, message)
 
 
 @pytest.mark.parametrize(("count_delta", "raw_delta"), [(1, 0), (-1, 0), (0, 1), (0, -1)])

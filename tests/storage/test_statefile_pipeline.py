@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 
 from keystate.storage import CheckpointStorage, MemoryObjectStore, StreamOptions
 from keystate.storage.errors import StateFileError
-from keystate.storage.statefile import BytesSource, Compression, StateFileReader, StateFileWriter
+from keystate.storage.format.statefile import (
+    BytesSource,
+    Compression,
+    StateFileReader,
+)
+from keystate.storage.statefile_io import StateFileWriter
 
 HELPER = "keystate-statefile-compress"
 
@@ -260,7 +265,7 @@ def test_streams_compress_inline_unless_asked() -> None:
     with writer.open_stream("op/0/operator") as stream:
         stream.write(payload(0, 64 * 20))
         assert not helpers()
-        assert stream._file._blocks == 20  # every block already went to the store
+        assert stream._file._encoder.blocks == 20  # every block already went to the store
         stream.close()
     writer.abort()
 

@@ -14,6 +14,7 @@ from keystate.storage import (
     LocalObjectStore,
     Location,
     S3ObjectStore,
+    UnsafeLinkError,
     open_storage,
     parse_location,
 )
@@ -36,6 +37,10 @@ JOB = "abcdef0123456789abcdef0123456789"
         ("file://localhost/var/ckpt", Location("file", "", "var/ckpt")),
         ("file:///", Location("file", "", "")),
         ("file:///with%20space/%C3%BC", Location("file", "", "with space/ü")),
+        ("file:/var/ckpt", Location("file", "", "var/ckpt")),  # RFC 8089: no authority at all
+        ("FILE:/var/ckpt/", Location("file", "", "var/ckpt")),
+        ("file:/", Location("file", "", "")),
+        ("/var/s3:/x", Location("file", "", "var/s3:/x")),  # a scheme only counts at the start
         ("s3://bucket", Location("s3", "bucket", "")),
         ("s3://bucket/", Location("s3", "bucket", "")),
         ("s3://bucket/pre/fix/", Location("s3", "bucket", "pre/fix")),
@@ -83,6 +88,18 @@ def test_location_str() -> None:
         ("https://bucket.s3.amazonaws.com/x", "unsupported storage scheme 'https'"),
         ("gs://b/x", "unsupported storage scheme 'gs'"),
         ("hdfs://nn/x", "unsupported storage scheme"),
+        # A scheme without its slashes was a relative path: open_storage("s3:/b/x") wrote to ./s3:/b/x.
+        ("s3:/bucket/x", "did you mean s3://bucket/x?"),
+        ("s3:bucket/x", "did you mean s3://bucket/x?"),
+        ("S3:/bucket/x", "did you mean s3://bucket/x?"),
+        ("s3:", "did you mean s3://bucket/prefix?"),
+        ("gs:bucket/x", "unsupported storage scheme 'gs'"),
+        ("gs:/bucket/x", "unsupported storage scheme 'gs'"),
+        ("hdfs:/x", "unsupported storage scheme 'hdfs'"),
+        ("ckpt:2024", "is written ./ckpt:2024"),
+        ("x-1.a+b:y", "unsupported storage scheme 'x-1.a+b'"),
+        ("file:x", "did you mean file:///x, or the plain path ./x?"),
+        ("file:", "not a valid file URI"),
         ("s3://", "not a valid S3 bucket name"),
         ("s3:///x", "not a valid S3 bucket name"),
         ("s3://B", "not a valid S3 bucket name"),
@@ -113,6 +130,71 @@ def test_invalid_locations(uri: str, message: str) -> None:
         parse_location(uri)
     assert message in str(info.value), str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("uri", ["s3:/bucket/x", "s3:bucket/x", "gs:x", "file:x", "ckpt:2024"])
+def test_a_uri_looking_location_says_what_is_supported(uri: str) -> None:
+    with pytest.raises(InvalidURIError) as info:
+        parse_location(uri)
+    message = str(info.value)
+    assert repr(uri) in message
+    assert "file:///absolute/path or s3://bucket/prefix" in message
+
+
+def test_a_scheme_without_its_slashes_never_writes_to_local_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidURIError, match=r"did you mean s3://bucket/x\?"):
+        open_storage("s3:/bucket/x").begin_checkpoint(JOB, 1).commit(
+            CheckpointMetadata(1, JOB, CheckpointKind.CHECKPOINT, 5, ())
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_single_letters_and_dot_slash_stay_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert parse_location("c:ckpt") == Location("file", "", str(tmp_path / "c:ckpt").strip("/"))
+    assert parse_location("./ckpt:2024") == Location("file", "", str(tmp_path / "ckpt:2024").strip("/"))
+    assert parse_location("./s3:/x") == Location("file", "", str(tmp_path / "s3:" / "x").strip("/"))
+
+
+def test_a_linked_storage_root_is_resolved_once_when_opened(tmp_path: Path) -> None:
+    """The root may be a link (to a mounted volume, say): resolved, it is not a link below the store's root."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (tmp_path / "ckpt").symlink_to(volume, target_is_directory=True)
+    metadata = CheckpointMetadata(1, JOB, CheckpointKind.CHECKPOINT, 5, ())
+    storage = open_storage(str(tmp_path / "ckpt"))
+    assert storage.base == str(volume).strip("/")
+    storage.begin_checkpoint(JOB, 1).commit(metadata)
+    assert (volume / JOB / "chk-1" / "_metadata").is_file()
+    for uri in (f"{tmp_path}/ckpt/{JOB}/chk-1", f"file://{tmp_path}/ckpt/{JOB}/chk-1/_metadata", f"{tmp_path}/ckpt"):
+        assert open_storage(uri).resolve().metadata == metadata
+
+
+@pytest.mark.parametrize("linked", ["job", "checkpoint"])
+def test_a_location_naming_a_linked_checkpoint_or_job_directory_is_refused(tmp_path: Path, linked: str) -> None:
+    """The layout at the end of a location (``<job>/chk-<id>/_metadata``) is not resolved: a linked job or
+    checkpoint directory is refused as it is below the storage root, not followed (here to a decoy)."""
+    metadata = CheckpointMetadata(1, JOB, CheckpointKind.CHECKPOINT, 5, ())
+    open_storage(str(tmp_path / "decoy")).begin_checkpoint(JOB, 1).commit(metadata)
+    (tmp_path / "root").mkdir()
+    if linked == "job":
+        (tmp_path / "root" / JOB).symlink_to(tmp_path / "decoy" / JOB, target_is_directory=True)
+    else:
+        (tmp_path / "root" / JOB).mkdir()
+        (tmp_path / "root" / JOB / "chk-1").symlink_to(tmp_path / "decoy" / JOB / "chk-1", target_is_directory=True)
+    for uri in (
+        f"{tmp_path}/root/{JOB}/chk-1",
+        f"{tmp_path}/root/{JOB}/chk-1/_metadata",
+        f"file://{tmp_path}/root/{JOB}/chk-1",
+    ):
+        with pytest.raises(UnsafeLinkError, match="does not follow links in checkpoint storage"):
+            open_storage(uri).resolve()
+    if linked == "job":
+        with pytest.raises(UnsafeLinkError):
+            open_storage(f"{tmp_path}/root/{JOB}").resolve()
 
 
 def test_a_location_that_is_not_a_string_is_refused() -> None:

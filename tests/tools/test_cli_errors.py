@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -340,6 +341,35 @@ def test_symlinked_state_file_is_not_followed(cli: Cli, golden_copy: Path, tmp_p
     result = cli("verify", str(golden_copy / CHK))
     assert result.code == 1
     assert "symbolic link" in result.out
+
+
+PASSWD = b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+
+
+@pytest.mark.parametrize("how", ["replaced", "linked-directory"])
+def test_a_foreign_file_in_place_of_a_state_file_is_never_quoted(
+    cli: Cli, golden_copy: Path, tmp_path: Path, how: str
+) -> None:
+    """Regression: dump put the first bytes of whatever it found into its error (``magic b'root'``), and a
+    linked directory let it find ``/etc/passwd``. Neither the bytes nor the file are reached now."""
+    victim = next((golden_copy / CHK).rglob("*.ksf"))
+    if how == "replaced":
+        victim.write_bytes(PASSWD)
+    else:
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / victim.name).write_bytes(PASSWD)
+        shutil.rmtree(victim.parent)
+        victim.parent.symlink_to(outside, target_is_directory=True)
+    uid = victim.relative_to(golden_copy / CHK).parts[0]
+    for argv in (("dump", str(golden_copy / CHK), "--operator", uid), ("verify", str(golden_copy / CHK), "--json")):
+        result = cli(*argv)
+        assert result.code in (1, 2), result
+        for text in (result.out, result.err):
+            for fragment in ("b'root", "root:x", "daemon", "/bin/bash"):  # not "root": pytest-of-root/...
+                assert fragment not in text, text
+        if how == "linked-directory":
+            assert "symbolic link" in result.out + result.err
 
 
 def test_list_shows_a_checkpoint_it_cannot_stat_as_unreadable(cli: Cli, golden_copy: Path) -> None:

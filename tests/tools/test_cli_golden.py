@@ -34,7 +34,7 @@ def test_inspect_json_contract(cli: Cli, golden_root: Path) -> None:
     assert result.code == 0
     check_golden("inspect.json", result.out, golden_root)
     doc = json.loads(result.out)
-    # The DESIGN.md section 8 contract fields, all present with the right types.
+    # The contract fields (docs/architecture.md#inspect-json-output), all present with the right types.
     for field, kind in {"format_version": int, "checkpoint_id": int, "job_id": str, "kind": str, "timestamp": int,
                         "location": str, "total_state_bytes": int, "operators": list}.items():  # fmt: skip
         assert isinstance(doc[field], kind), field
