@@ -14,8 +14,9 @@ imports ``keystate.runtime.restore_rules``) does not import asyncio and the task
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from keystate._lazy import lazy_dir, resolve_lazy
 
 if TYPE_CHECKING:
     from keystate.runtime import faults
@@ -165,19 +166,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        value: Any = importlib.import_module(f"{__name__}.{name}")
-    else:
-        module = _LAZY.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return resolve_lazy(globals(), name, _LAZY, _SUBMODULES)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return lazy_dir(globals())
 
 
 if __name__ != "keystate.runtime":

@@ -21,9 +21,9 @@ location is opened or an S3 name below is first used (:class:`S3ObjectStore`, :f
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from keystate._lazy import lazy_dir, resolve_lazy
 from keystate.storage._local import LocalObjectStore
 from keystate.storage._memory import MemoryObjectStore
 from keystate.storage.base import ObjectInfo, ObjectReader, ObjectStore, ObjectWriter, PutMode
@@ -210,16 +210,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return resolve_lazy(globals(), name, _LAZY)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return lazy_dir(globals())
 
 
 if __name__ != "keystate.storage":

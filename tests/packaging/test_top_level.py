@@ -34,7 +34,7 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
 def test_import_keystate_loads_no_layer() -> None:
     code = "import sys, keystate; print(sorted(m for m in sys.modules if m.startswith('keystate.') or m == 'boto3'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "['keystate._lazy']"
 
 
 @pytest.mark.parametrize("bare", ["storage", "statebackend", "runtime", "tools"])
