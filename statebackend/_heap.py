@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from keystate.statebackend._kv import CHUNK_ENTRIES, Chunk, KVSnapshot, KVStore
-from keystate.storage.keygroups import KeyGroupRange
+from keystate.storage.format.keygroups import KeyGroupRange
 
 __all__ = ["HeapKV"]
 
@@ -112,13 +112,6 @@ class HeapKV(KVStore):
     def snapshot(self) -> KVSnapshot:
         self._shared = set(self._maps)
         return _HeapSnapshot(dict(self._maps))
-
-    def bulk_load(self, items: Iterable[tuple[bytes, bytes]]) -> int:
-        n = 0
-        for key, value in items:
-            self._writable(_kg(key))[key] = value
-            n += 1
-        return n
 
     def bulk_load_chunks(self, chunks: Iterable[tuple[int, Chunk]]) -> int:
         n = 0

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
-from keystate.storage.keygroups import KeyGroupRange
+from keystate.storage.format.keygroups import KeyGroupRange
 
 __all__ = ["CHUNK_ENTRIES", "Chunk", "Columns", "KVSnapshot", "KVStore"]
 
@@ -77,12 +77,9 @@ class KVStore(ABC):
     def snapshot(self) -> KVSnapshot: ...
 
     @abstractmethod
-    def bulk_load(self, items: Iterable[tuple[bytes, bytes]]) -> int:
-        """Insert entries during restore (into an empty key range); returns how many."""
-
     def bulk_load_chunks(self, chunks: Iterable[tuple[int, Chunk]]) -> int:
-        """:meth:`bulk_load` for ``(key group, entries)`` chunks: every entry of a chunk is in that key group."""
-        return sum(self.bulk_load(chunk) for _, chunk in chunks)
+        """Insert restored ``(key group, entries)`` chunks (every entry of a chunk is in that key group);
+        returns how many entries."""
 
     @abstractmethod
     def close(self) -> None: ...

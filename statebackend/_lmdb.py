@@ -33,8 +33,9 @@ from typing import Any
 import lmdb
 
 from keystate.statebackend._kv import CHUNK_ENTRIES, Chunk, Columns, KVSnapshot, KVStore
-from keystate.statebackend.errors import StateError
-from keystate.storage.keygroups import KeyGroupRange
+from keystate.statebackend._lmdb_env import MAX_READERS, DirectoryLock, lmdb_error
+from keystate.statebackend.errors import LmdbError, LmdbMapFullError, StateError
+from keystate.storage.format.keygroups import KeyGroupRange
 
 __all__ = ["LMDB_LAYOUT_VERSION", "LmdbKV"]
 
@@ -269,10 +270,17 @@ class LmdbKV(KVStore):
 
     Args:
         path: a directory for the environment (created; should be empty or a previous environment).
+            It is locked for this store's lifetime (``keystate.lock`` in it): one store per directory.
         map_size: the initial map size in bytes; it doubles on demand.
         buffer_entries: flush the buffer when it holds this many keys.
         buffer_bytes: or when its keys and values add up to this many bytes.
         writemap: LMDB ``MDB_WRITEMAP`` (faster random writes, data file sized to the map).
+        owner: who holds the directory, for the message another opener gets (``"operator 'x' subtask 0"``).
+
+    Raises:
+        LmdbDirectoryInUseError: another store, in this process or another, holds ``path``.
+        LmdbError: the environment cannot be created or opened (permissions, disk full, ...).
+        StateError: the environment has another state layout version.
     """
 
     def __init__(
@@ -283,33 +291,47 @@ class LmdbKV(KVStore):
         buffer_entries: int = 100_000,
         buffer_bytes: int = 64 << 20,
         writemap: bool = False,
+        owner: str = "",
     ) -> None:
         self._path = Path(path)
-        self._path.mkdir(parents=True, exist_ok=True)
-        self._env: Any = lmdb.open(
-            str(self._path),
-            map_size=map_size,
-            subdir=True,
-            sync=False,
-            metasync=False,
-            max_dbs=2,
-            readahead=False,
-            writemap=writemap,
-            meminit=False,
-            max_readers=512,
-        )
-        self.db: Any = self._env.open_db(b"state")
-        meta = self._env.open_db(b"meta")
-        with self._env.begin(write=True, db=meta) as txn:
-            found = txn.get(b"layout")
-            if found is None:
-                txn.put(b"layout", LMDB_LAYOUT_VERSION)
+        self._dir_lock = DirectoryLock(self._path, owner)  # before LMDB opens it: LMDB lets processes share it
+        env: Any = None
+        try:
+            env = lmdb.open(
+                str(self._path),
+                map_size=map_size,
+                subdir=True,
+                sync=False,
+                metasync=False,
+                max_dbs=2,
+                readahead=False,
+                writemap=writemap,
+                meminit=False,
+                max_readers=MAX_READERS,
+            )
+            self.db: Any = env.open_db(b"state")
+            meta = env.open_db(b"meta")
+            with env.begin(write=True, db=meta) as txn:
+                found = txn.get(b"layout")
+                if found is None:
+                    txn.put(b"layout", LMDB_LAYOUT_VERSION)
+                left_over: int = txn.stat(self.db)["entries"]
+        except (lmdb.Error, OSError) as exc:
+            if env is not None:
+                env.close()
+            self._dir_lock.release()
+            raise lmdb_error(exc, self._path, "open the LMDB environment in") from exc
+        self._env: Any = env
         if found is not None and found != LMDB_LAYOUT_VERSION:
             self._env.close()
+            self._dir_lock.release()
             raise StateError(
                 f"LMDB environment {self._path} has state layout {found!r}, this keystate writes "
                 f"{LMDB_LAYOUT_VERSION!r}; remove the directory (state is restored from checkpoints)"
             )
+        self._left_over = left_over
+        """Entries an earlier owner left in the environment while nothing has been written since: a restore
+        discards them first (:meth:`begin_restore`), so it yields exactly the checkpoint's state."""
         self._max_entries = buffer_entries
         self._max_bytes = buffer_bytes
         self._active: Buffer = {}
@@ -320,6 +342,8 @@ class LmdbKV(KVStore):
         self._lock = threading.Condition()
         self._snapshots_open = 0
         self._closed = False
+        self._broken: str | None = None
+        """Why the environment cannot be used any more (py-lmdb invalidates it when a resize fails)."""
 
     @property
     def path(self) -> Path:
@@ -334,9 +358,30 @@ class LmdbKV(KVStore):
     def _read(self, key: bytes) -> bytes | None:
         reader = self._reader
         if reader is None:
-            reader = self._reader = self._env.begin(db=self.db)
+            reader = self._begin_read()
         value: bytes | None = reader.get(key)
         return value
+
+    def _begin_read(self) -> Any:
+        """The task thread's read transaction, opened again after each flush."""
+        self._check_open()
+        try:
+            self._reader = self._env.begin(db=self.db)
+        except lmdb.Error as exc:
+            raise self._error(exc, "read from the LMDB environment in") from exc
+        return self._reader
+
+    def _check_open(self) -> None:
+        if self._closed or self._broken:
+            raise self._closed_error()
+
+    def _closed_error(self) -> StateError:
+        if self._broken and not self._closed:
+            return LmdbError(
+                f"the LMDB environment in {self._path} cannot be used any more: {self._broken}; close the backend "
+                "and restore from the last checkpoint (with a larger map_size)"
+            )
+        return StateError(f"the LMDB environment in {self._path} is closed; its backend was closed before this use")
 
     def _drop_reader(self) -> None:
         if self._reader is not None:
@@ -356,7 +401,7 @@ class LmdbKV(KVStore):
         if v is _MISSING and not self._frozen:
             reader = self._reader  # _read() inlined: this is the hot path of a read that misses the buffer
             if reader is None:
-                reader = self._reader = self._env.begin(db=self.db)
+                reader = self._begin_read()
             stored: bytes | None = reader.get(key)
             return stored
         base = self._lower(key)
@@ -434,9 +479,22 @@ class LmdbKV(KVStore):
                 if self._grow(wait=False):
                     continue
                 return False
+            except lmdb.Error as exc:  # the layer stays buffered: a later flush may succeed (disk freed)
+                raise self._error(exc, "write to the LMDB environment in") from exc
             self._frozen.pop(0)
+            self._left_over = 0
             self._drop_reader()
         return True
+
+    def _error(self, exc: lmdb.Error | OSError, action: str) -> StateError:
+        """What an LMDB call that failed while trying to ``action`` raises."""
+        if self._closed or self._broken:
+            return self._closed_error()
+        try:
+            size: int | None = self.map_size
+        except lmdb.Error:
+            size = None
+        return lmdb_error(exc, self._path, action, map_size=size)
 
     def _write_layer(self, layer: Buffer) -> None:
         # A layer holds one change per key, so changes to different keys commute: plain values go in one
@@ -474,7 +532,15 @@ class LmdbKV(KVStore):
                 return False
             self._drop_reader()
             new_size = self.map_size * 2
-            self._env.set_mapsize(new_size)
+            try:
+                self._env.set_mapsize(new_size)
+            except lmdb.Error as exc:
+                self._broken = f"growing its map to {new_size >> 20} MiB failed ({exc})"
+                raise LmdbMapFullError(
+                    f"cannot write to the LMDB environment in {self._path}: its map is full at {new_size >> 21} MiB "
+                    f"and growing it to {new_size >> 20} MiB failed ({exc}); raise map_size "
+                    "(LmdbStateBackend(map_size=...)) or free memory or address space for the mapping"
+                ) from exc
         log.info("LMDB map of %s grown to %d MiB", self._path, new_size >> 20)
         return True
 
@@ -489,17 +555,20 @@ class LmdbKV(KVStore):
 
     def scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         self.flush()
-        with self._env.begin(db=self.db) as txn:
-            cursor = txn.cursor()
-            if self._frozen:
-                return list(_merged(cursor, tuple(self._frozen), prefix, prefix_end(prefix)))
-            out: list[tuple[bytes, bytes]] = []
-            if cursor.set_range(prefix):
-                for key, value in cursor.iternext():
-                    if not key.startswith(prefix):
-                        break
-                    out.append((key, value))
-            return out
+        try:
+            with self._env.begin(db=self.db) as txn:
+                cursor = txn.cursor()
+                if self._frozen:
+                    return list(_merged(cursor, tuple(self._frozen), prefix, prefix_end(prefix)))
+                out: list[tuple[bytes, bytes]] = []
+                if cursor.set_range(prefix):
+                    for key, value in cursor.iternext():
+                        if not key.startswith(prefix):
+                            break
+                        out.append((key, value))
+                return out
+        except lmdb.Error as exc:
+            raise self._error(exc, "read from the LMDB environment in") from exc
 
     def delete_prefix(self, prefix: bytes) -> int:
         keys = [k for k, _ in self.scan(prefix)]
@@ -514,7 +583,10 @@ class LmdbKV(KVStore):
             self._frozen.append(self._active)
             self._active = {}
             self._active_bytes = 0
-        txn = self._env.begin(db=self.db)
+        try:
+            txn = self._env.begin(db=self.db)
+        except lmdb.Error as exc:
+            raise self._error(exc, "snapshot the LMDB environment in") from exc
         with self._lock:
             self._snapshots_open += 1
         # The frozen buffers go to LMDB on the task thread's next write (not here: this is the
@@ -522,26 +594,18 @@ class LmdbKV(KVStore):
         self._flush_due = bool(self._frozen)
         return _LmdbSnapshot(self, txn, tuple(self._frozen))
 
-    def bulk_load(self, items: Iterable[tuple[bytes, bytes]]) -> int:
+    def begin_restore(self) -> None:
+        """Start a restore from an empty environment: discard the entries the environment held when it was
+        opened, unless something was written since. They were left by an earlier owner (a crashed worker,
+        say) and are not the checkpoint's state; Flink's RocksDB backend restores into a fresh instance
+        directory for the same reason. :meth:`bulk_load_chunks` calls this first."""
         self.flush()
-        total = 0
-        chunk: list[tuple[bytes, bytes]] = []
-        for item in items:
-            chunk.append(item)
-            if len(chunk) >= 50_000:
-                total += self._load_chunk(chunk)
-                chunk = []
-        if chunk:
-            total += self._load_chunk(chunk)
-        self._drop_reader()
-        return total
-
-    def _load_chunk(self, chunk: list[tuple[bytes, bytes]]) -> int:
-        self._load_batch([chunk])
-        return len(chunk)
+        if self._left_over:
+            self._discard_left_over()
 
     def bulk_load_chunks(self, chunks: Iterable[tuple[int, Chunk]]) -> int:
-        self.flush()
+        """Load restored entries (see :class:`KVStore`), after :meth:`begin_restore`."""
+        self.begin_restore()
         total = 0
         batch: list[Chunk] = []
         batch_entries = 0
@@ -578,11 +642,31 @@ class LmdbKV(KVStore):
                             continue
                         cursor.putmulti(chunk, dupdata=False, overwrite=True)
                         last = cursor.key() if cursor.last() else b""
-            except lmdb.MapFullError:
+            except lmdb.MapFullError as exc:
                 if not self._grow(wait=True):
-                    raise StateError(f"LMDB map of {self._path} is full and cannot grow") from None
+                    raise self._error(exc, "restore into the LMDB environment in") from exc
+            except lmdb.Error as exc:
+                raise self._error(exc, "restore into the LMDB environment in") from exc
             else:
                 return
+
+    def _discard_left_over(self) -> None:
+        log.warning(
+            "LMDB environment %s held %d entries left by an earlier owner; discarding them before the restore",
+            self._path,
+            self._left_over,
+        )
+        self._drop_reader()
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.drop(self.db, delete=False)
+        except lmdb.Error as exc:
+            raise self._error(exc, "clear the LMDB environment in") from exc
+        self._left_over = 0
+
+    def set_owner(self, owner: str) -> None:
+        """Describe who holds the directory (``"operator 'totals' subtask 0"``), for another opener's message."""
+        self._dir_lock.set_owner(owner)
 
     def close(self) -> None:
         if self._closed:
@@ -590,3 +674,4 @@ class LmdbKV(KVStore):
         self._closed = True
         self._drop_reader()
         self._env.close()
+        self._dir_lock.release()

@@ -1,14 +1,15 @@
 """The keyed snapshot payload: backend-neutral, so LMDB state restores into the heap and vice versa.
 
-Inside a state file (``keystate.storage.statefile``), the raw payload of a keyed snapshot is::
+Inside a state file (``keystate.storage.format.statefile``), the raw payload of a keyed snapshot is::
 
     >I meta length | meta (UTF-8 JSON)             -- the blocks before offsets[0]
     per key group g of the handle's range, starting at offsets[g - start] (a block boundary):
         entries, each: >H key length | key | >I value length | value
 
 ``key`` is the full composite key (it starts with ``>H g``, so every entry proves its key group) and
-``value`` the stored value, exactly as the engines hold them (``keystate.statebackend._states``). The meta
-JSON names the key serializer, the key-group hash, and every state: id, name, kind, serializers, TTL.
+``value`` the stored value, exactly as the engines hold them (``keystate.statebackend._entry_format``).
+The meta JSON names the key serializer, the key-group hash, the max parallelism (format 2; key groups are
+numbered modulo it) and every state: id, name, kind, serializers, TTL (docs/format.md, section 3.9).
 """
 
 from __future__ import annotations
@@ -20,24 +21,37 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
+from keystate.statebackend._entry_format import MAX_STORED_KEY_BYTES, split_frames, ttl_filter
 from keystate.statebackend._kv import CHUNK_ENTRIES, Chunk, KVSnapshot
-from keystate.statebackend._states import MAX_STORED_KEY_BYTES, split_frames, ttl_filter
-from keystate.statebackend.errors import StateError, StateRestoreError
+from keystate.statebackend.errors import MaxParallelismMismatchError, StateError, StateRestoreError, StateSnapshotError
 from keystate.statebackend.state import StateKind
 from keystate.statebackend.ttl import StateVisibility, TtlConfig, TtlUpdate
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
 from keystate.storage.errors import StateFileError
-from keystate.storage.keygroups import KeyGroupRange
-from keystate.storage.metadata import KeyedStateHandle
-from keystate.storage.statefile import FILE_HEADER
-from keystate.storage.validation import check_keys, loads_strict, opt_int, req_bool, req_int, req_list, req_str
+from keystate.storage.format.keygroups import UPPER_BOUND_MAX_PARALLELISM, KeyGroupRange
+from keystate.storage.format.metadata import KeyedStateHandle
+from keystate.storage.format.statefile import (
+    FILE_HEADER,
+)
+from keystate.storage.format.validation import check_keys, loads_strict, opt_int, req_bool, req_int, req_list, req_str
 
 __all__ = ["KeyedSnapshotReader", "SnapshotMeta", "StateMeta", "write_keyed_snapshot"]
 
-SNAPSHOT_FORMAT_VERSION = 1
+SNAPSHOT_FORMAT_VERSION = 2
+"""The meta version written when the max parallelism is known (version 1 is written without it)."""
+_META_KEYS = {
+    1: ("format_version", "key_serializer", "key_group_hash", "states"),
+    2: ("format_version", "key_serializer", "key_group_hash", "max_parallelism", "states"),
+}
+"""The fields of each meta version, in the order they are written (all required)."""
 _META_LEN = struct.Struct(">I")  # >I length of the meta JSON that follows
 _KEY_LEN = struct.Struct(">H")  # >H composite key length | key
 _VALUE_LEN = struct.Struct(">I")  # >I value length | value
+MAX_SNAPSHOT_META = 1 << 20
+"""The most bytes of a keyed snapshot's meta JSON (a few thousand states): a writer refuses to write
+more and a reader to read more, so parsing it stays small (docs/format.md, keyed snapshots)."""
+_PARSE_SLAB = 1 << 20
+"""Key-group data is parsed about this many bytes at a time (the default block size)."""
 _MIN_KEY = 8
 """The shortest composite key: key group, state id, key length and namespace length (>H each)."""
 _TTL_HEADER = 8
@@ -106,14 +120,19 @@ class SnapshotMeta:
     key_serializer: str
     key_group_hash: str
     states: tuple[StateMeta, ...]
+    max_parallelism: int | None = None
+    """The writer's max parallelism (1..32768), which numbers its key groups; ``None``: not recorded (a
+    format-1 meta, written by keystate 0.2 or by a backend that did not pass it)."""
 
     def to_json_bytes(self) -> bytes:
-        doc = {
-            "format_version": SNAPSHOT_FORMAT_VERSION,
+        doc: dict[str, Any] = {
+            "format_version": 1 if self.max_parallelism is None else SNAPSHOT_FORMAT_VERSION,
             "key_serializer": self.key_serializer,
             "key_group_hash": self.key_group_hash,
-            "states": [s.to_dict() for s in self.states],
         }
+        if self.max_parallelism is not None:
+            doc["max_parallelism"] = self.max_parallelism
+        doc["states"] = [s.to_dict() for s in self.states]
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -122,14 +141,17 @@ class SnapshotMeta:
         if not isinstance(doc, dict):
             raise StateRestoreError(f"{where}: snapshot meta must be a JSON object")
         version = opt_int(doc, "format_version", where, StateRestoreError)
-        if version != SNAPSHOT_FORMAT_VERSION:
+        if version not in _META_KEYS:
             raise StateRestoreError(
                 f"{where}: keyed snapshot format_version {version} is not supported (this keystate reads "
-                f"{SNAPSHOT_FORMAT_VERSION}); upgrade keystate"
+                f"{' and '.join(map(str, _META_KEYS))}); upgrade keystate"
             )
-        check_keys(
-            doc, where, ("format_version", "key_serializer", "key_group_hash", "states"), error=StateRestoreError
-        )
+        check_keys(doc, where, _META_KEYS[version], error=StateRestoreError)
+        max_parallelism = None
+        if version >= 2:
+            max_parallelism = req_int(
+                doc, "max_parallelism", where, StateRestoreError, min_value=1, max_value=UPPER_BOUND_MAX_PARALLELISM
+            )
         states = tuple(
             StateMeta.from_dict(s, f"{where}: states[{i}]")
             for i, s in enumerate(req_list(doc, "states", where, StateRestoreError))
@@ -140,6 +162,7 @@ class SnapshotMeta:
             req_str(doc, "key_serializer", where, StateRestoreError, max_len=256),
             req_str(doc, "key_group_hash", where, StateRestoreError, max_len=64),
             states,
+            max_parallelism,
         )
 
 
@@ -205,9 +228,14 @@ def write_keyed_snapshot(
         _KEY_LEN.pack(s.sid): s for s in meta.states if s.ttl is not None and s.ttl.cleanup_in_snapshot
     }  # keyed by the 2-byte state id as it appears in composite keys
     entries = 0
+    meta_bytes = meta.to_json_bytes()
+    if len(meta_bytes) > MAX_SNAPSHOT_META:
+        raise StateSnapshotError(
+            f"{hint}: the snapshot meta of {len(meta.states)} states is {len(meta_bytes)} bytes, over the "
+            f"{MAX_SNAPSHOT_META}-byte limit a restore reads; register fewer states or use shorter names"
+        )
     with writer.open_stream(hint) as stream:
         stream.compress_in_background()
-        meta_bytes = meta.to_json_bytes()
         stream.write(_META_LEN.pack(len(meta_bytes)) + meta_bytes)
         # Block numbers, not offsets: the offsets are known once compression (maybe on a helper
         # thread) has caught up, and waiting for it at every key group would undo the overlap.
@@ -257,85 +285,169 @@ _HEAD = itemgetter(slice(0, 4))
 
 
 def _parse_uniform(data: bytes, heads: frozenset[bytes]) -> Chunk | None:
-    """The entries if they all have the key length and value length of the first (a fixed-size state).
-
-    Every length field and key head is checked with strided slices and the entries are decoded by one
-    ``struct.iter_unpack``: no Python step per entry. ``None`` if the data is not like that.
-    """
-    if len(data) < 6:
-        return None
-    (kl,) = _KEY_LEN.unpack_from(data)
-    if not _MIN_KEY <= kl <= MAX_STORED_KEY_BYTES or len(data) < 6 + kl:
-        return None
-    (vl,) = _VALUE_LEN.unpack_from(data, 2 + kl)
-    step = 6 + kl + vl
-    n, rest = divmod(len(data), step)
-    if rest:
-        return None
-    for offset in (0, 1, 2 + kl, 3 + kl, 4 + kl, 5 + kl):  # the two length fields of every entry
-        if data[offset::step].count(data[offset]) != n:
-            return None
-    if all(data[offset::step].count(data[offset]) == n for offset in (2, 3, 4, 5)):
-        if data[2:6] not in heads:
-            return None
-    else:
-        found = set(zip(data[2::step], data[3::step], data[4::step], data[5::step], strict=True))
-        if not {bytes(head) for head in found} <= heads:
-            return None
-    return list(_FIXED_ENTRY[kl, vl].iter_unpack(data))
+    """The entries if they all have the key length and value length of the first (a fixed-size state)."""
+    found = _uniform_prefix(data, 0, len(data), heads)
+    return found[0] if found is not None and found[1] == len(data) else None
 
 
 def _parse_variable(data: bytes, heads: frozenset[bytes]) -> Chunk | None:
     """The entries, one struct call per entry, checked at the end; ``None`` if anything is wrong."""
+    found = _variable_prefix(data, 0, len(data), heads)
+    return found[0] if found is not None and found[1] == len(data) else None
+
+
+def _uniform_prefix(data: bytes, pos: int, limit: int, heads: frozenset[bytes]) -> tuple[Chunk, int] | None:
+    """The entries from ``pos`` that start before ``limit`` and are complete in ``data``, and where they
+    end, if they all have the key length and value length of the first (a fixed-size state).
+
+    Every length field and key head is checked with strided slices and the entries are decoded by one
+    ``struct.iter_unpack``: no Python step per entry. ``None`` if the data is not like that.
+    """
+    end = len(data)
+    if end - pos < 6:
+        return None
+    (kl,) = _KEY_LEN.unpack_from(data, pos)
+    if not _MIN_KEY <= kl <= MAX_STORED_KEY_BYTES or end - pos < 6 + kl:
+        return None
+    (vl,) = _VALUE_LEN.unpack_from(data, pos + 2 + kl)
+    step = 6 + kl + vl
+    n = min(-(-(limit - pos) // step), (end - pos) // step)
+    if n == 0:
+        return None
+    stop = pos + n * step
+    for offset in (pos, pos + 1, pos + 2 + kl, pos + 3 + kl, pos + 4 + kl, pos + 5 + kl):  # both length fields
+        if data[offset:stop:step].count(data[offset]) != n:
+            return None
+    if all(data[offset:stop:step].count(data[offset]) == n for offset in range(pos + 2, pos + 6)):
+        if data[pos + 2 : pos + 6] not in heads:
+            return None
+    else:
+        found = set(zip(*(data[offset:stop:step] for offset in range(pos + 2, pos + 6)), strict=True))
+        if not {bytes(head) for head in found} <= heads:
+            return None
+    entry = _FIXED_ENTRY[kl, vl]
+    if pos == 0 and stop == end:
+        return list(entry.iter_unpack(data)), stop
+    return list(entry.iter_unpack(memoryview(data)[pos:stop])), stop
+
+
+def _variable_prefix(data: bytes, pos: int, limit: int, heads: frozenset[bytes]) -> tuple[Chunk, int] | None:
+    """Like :func:`_uniform_prefix` for entries of any sizes: one struct call per entry, checked at the
+    end. An entry that runs past the end of ``data`` ends the prefix; ``None`` if anything is wrong."""
     out: Chunk = []
     append = out.append
     key_len, key_then_value_len = _KEY_LEN.unpack_from, _KEY_THEN_VALUE_LEN
-    pos, end = 0, len(data)
+    end = len(data)
     try:
-        while pos < end:
+        while pos < limit:
             (kl,) = key_len(data, pos)
             key, vl = key_then_value_len[kl].unpack_from(data, pos + 2)
-            pos += kl + 6
-            append((key, data[pos : pos + vl]))
-            pos += vl
-    except struct.error:  # a length field runs past the end
-        return None
-    if pos != end:
-        return None
+            value = pos + kl + 6
+            if value + vl > end:
+                break
+            append((key, data[value : value + vl]))
+            pos = value + vl
+    except struct.error:  # a length field runs past the end: the entry at ``pos`` continues later
+        pass
     if out:
         lengths = list(map(len, map(itemgetter(0), out)))
         if min(lengths) < _MIN_KEY or max(lengths) > MAX_STORED_KEY_BYTES:
             return None
     if not set(map(_HEAD, map(itemgetter(0), out))) <= heads:
         return None
-    return out
+    return out, pos
 
 
 class KeyedSnapshotReader:
     """Reads one keyed handle: its meta, and the entries of the key groups a backend owns."""
 
     def __init__(self, checkpoint: CompletedCheckpoint, handle: KeyedStateHandle, operator_uid: str) -> None:
+        self._checkpoint = checkpoint
         self._handle = handle
         self._reader = checkpoint.open_state(handle.stream)
         self._where = f"operator {operator_uid!r}: state file {self._reader.name}"
         self._meta: SnapshotMeta | None = None
 
     def meta(self) -> SnapshotMeta:
+        """The snapshot's meta section.
+
+        Raises:
+            StateRestoreError: the meta is damaged, of an unknown version, or records a max parallelism
+                the handle's key groups do not fit.
+        """
         if self._meta is None:
-            try:
-                raw = b"".join(self._reader.iter_range(FILE_HEADER.size, self._handle.offsets[0]))
-            except StateFileError as exc:
-                raise StateRestoreError(f"{self._where}: cannot read the snapshot meta: {exc}") from exc
-            if len(raw) < _META_LEN.size:
-                raise StateRestoreError(f"{self._where}: snapshot meta is truncated ({len(raw)} bytes)")
-            (n,) = _META_LEN.unpack_from(raw)
-            if n != len(raw) - _META_LEN.size:
+            raw = self._read_meta()
+            meta = SnapshotMeta.from_json_bytes(raw[_META_LEN.size :], f"{self._where} (meta)")
+            groups = self._handle.key_groups
+            if meta.max_parallelism is not None and groups.end >= meta.max_parallelism:
                 raise StateRestoreError(
-                    f"{self._where}: snapshot meta declares {n} bytes but {len(raw) - _META_LEN.size} precede "
-                    "the first key group; the handle's offsets do not match the file"
+                    f"{self._where}: its handle names key groups {groups}, but the snapshot was written with "
+                    f"max_parallelism {meta.max_parallelism} (key groups 0..{meta.max_parallelism - 1}); the handle "
+                    "does not belong to this state file"
                 )
-            self._meta = SnapshotMeta.from_json_bytes(raw[_META_LEN.size :], f"{self._where} (meta)")
+            self._meta = meta
         return self._meta
+
+    def recorded_max_parallelism(self) -> int | None:
+        """The max parallelism the snapshot was written with: from its meta (format 2) or, for a format-1
+        snapshot, from the checkpoint's metadata, of the operator one of whose subtasks lists this handle
+        (whatever uid restores it). ``None`` if neither records it (a handle not in the checkpoint's metadata)."""
+        recorded = self.meta().max_parallelism
+        if recorded is not None:
+            return recorded
+        for operator in self._checkpoint.metadata.operators:
+            if any(self._handle in subtask.keyed for subtask in operator.subtasks):
+                return operator.max_parallelism
+        return None
+
+    def check_max_parallelism(self, max_parallelism: int) -> None:
+        """Refuse to restore into another max parallelism: key groups are numbered modulo it, so the same
+        number holds other keys there and restoring would lose keys without any entry looking wrong.
+
+        Raises:
+            MaxParallelismMismatchError: :meth:`recorded_max_parallelism` is another one.
+        """
+        recorded = self.recorded_max_parallelism()
+        if recorded is not None and recorded != max_parallelism:
+            raise MaxParallelismMismatchError(
+                f"{self._where} was written with max_parallelism {recorded} but this backend has {max_parallelism}; "
+                f"keep max_parallelism {recorded} (it cannot change across a restore) or start without state"
+            )
+
+    def _read_meta(self) -> bytes:
+        """The blocks before the first key group: ``>I`` length and the meta JSON, at most
+        :data:`MAX_SNAPSHOT_META` bytes (checked as the blocks arrive, not once they are all read)."""
+        parts: list[bytes] = []
+        held = 0
+        declared: int | None = None
+        try:
+            for block in self._reader.iter_range(FILE_HEADER.size, self._handle.offsets[0]):
+                parts.append(block)
+                held += len(block)
+                if declared is None and held >= _META_LEN.size:
+                    head = parts[0] if len(parts[0]) >= _META_LEN.size else b"".join(parts)
+                    (declared,) = _META_LEN.unpack_from(head)
+                    if declared > MAX_SNAPSHOT_META:
+                        raise StateRestoreError(
+                            f"{self._where}: snapshot meta declares {declared} bytes, over the "
+                            f"{MAX_SNAPSHOT_META}-byte limit; the state file is corrupted"
+                        )
+                if declared is not None and held > _META_LEN.size + declared:
+                    raise StateRestoreError(
+                        f"{self._where}: snapshot meta declares {declared} bytes but more precede the first key "
+                        "group; the handle's offsets do not match the file"
+                    )
+        except StateFileError as exc:
+            raise StateRestoreError(f"{self._where}: cannot read the snapshot meta: {exc}") from exc
+        raw = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(raw) < _META_LEN.size:
+            raise StateRestoreError(f"{self._where}: snapshot meta is truncated ({len(raw)} bytes)")
+        if declared != len(raw) - _META_LEN.size:
+            raise StateRestoreError(
+                f"{self._where}: snapshot meta declares {declared} bytes but {len(raw) - _META_LEN.size} precede "
+                "the first key group; the handle's offsets do not match the file"
+            )
+        return raw
 
     def entries(self, wanted: KeyGroupRange) -> Iterator[tuple[bytes, bytes]]:
         """``(composite key, value)`` of every key group in ``wanted`` ∩ the handle's range, in order.
@@ -349,8 +461,13 @@ class KeyedSnapshotReader:
     def chunks(self, wanted: KeyGroupRange, size: int = CHUNK_ENTRIES) -> Iterator[tuple[int, Chunk]]:
         """The entries of :meth:`entries` as ``(key group, up to size entries)`` lists, in order.
 
+        A key group's data is parsed as its blocks arrive, about :data:`_PARSE_SLAB` bytes at a time, so
+        what is held at once is a few blocks and the entries parsed from them (and an entry longer than
+        that, whole), however large the key group.
+
         Raises:
-            StateRestoreError: as :meth:`entries`; before any entry of the damaged key group is returned.
+            StateRestoreError: as :meth:`entries`, at the damaged block or entry; the entries before it
+                have been returned.
         """
         handle = self._handle
         part = handle.key_groups.intersection(wanted)
@@ -362,66 +479,65 @@ class KeyedSnapshotReader:
         starts = list(handle.offsets[first : first + len(part)])
         end = handle.offset_range(part.end)[1]
         kg, index = part.start, 0
-        pending: list[bytes] = []
+        group = _KeyGroupData(self, kg, sids, ttl_states, size)
         try:
             for offset, raw in self._reader.iter_range_with_offsets(starts[0], end):
                 while index + 1 < len(starts) and offset >= starts[index + 1]:
-                    yield from self._parse(b"".join(pending), kg, sids, ttl_states, size)
-                    pending = []
+                    yield from group.finish()
                     index += 1
                     kg += 1
-                pending.append(raw)
+                    group = _KeyGroupData(self, kg, sids, ttl_states, size)
+                yield from group.feed(raw)
         except StateFileError as exc:
             raise StateRestoreError(f"{self._where}: key groups {part}: {exc}") from exc
-        yield from self._parse(b"".join(pending), kg, sids, ttl_states, size)
+        yield from group.finish()
 
-    def _parse(
-        self, data: bytes, kg: int, sids: list[bytes], ttl_states: dict[bytes, StateMeta], size: int
-    ) -> Iterator[tuple[int, Chunk]]:
-        """Every entry of one key group's data, checked, in chunks (all parsed before the first is returned).
+    def _parse_checked(
+        self, data: bytes, pos: int, limit: int, group: _KeyGroupData, *, final: bool
+    ) -> tuple[Chunk, int]:
+        """The entries from ``pos`` that start before ``limit``, each checked, raising at the first bad one.
 
-        Two fast parsers run first; on anything unexpected, :meth:`_parse_checked` parses again to raise
-        the error at the entry where it is.
+        Unless ``final``, an entry that runs past the end of ``data`` ends them (it continues in the next
+        block); ``final`` means the key group's data ends there, so such an entry is an error.
         """
-        prefix = _KEY_LEN.pack(kg)
-        heads = frozenset(prefix + sid for sid in sids)  # key group and state id: the first 4 key bytes
-        out = _parse_uniform(data, heads)
-        if out is None:
-            out = _parse_variable(data, heads)
-        if out is None:
-            out = self._parse_checked(data, kg, heads, prefix)
-        if ttl_states:
-            self._check_ttl_values(out, kg, ttl_states)
-        for start in range(0, len(out), size):
-            yield kg, out if start == 0 and len(out) <= size else out[start : start + size]
-
-    def _parse_checked(self, data: bytes, kg: int, heads: frozenset[bytes], prefix: bytes) -> Chunk:
         key_len, value_len = _KEY_LEN.unpack_from, _VALUE_LEN.unpack_from
+        kg, heads, prefix, base = group.kg, group.heads, group.prefix, group.base
         out: Chunk = []
         append = out.append
-        pos, end = 0, len(data)
-        while pos < end:
+        end = len(data)
+        while pos < limit:
+            entry = pos
             if end - pos < _KEY_LEN.size:
-                raise self._bad(kg, pos, "entry header truncated")
+                if not final:
+                    break
+                raise self._bad(kg, base + pos, "entry header truncated")
             (kl,) = key_len(data, pos)
             pos += _KEY_LEN.size
             if kl < _MIN_KEY or kl > MAX_STORED_KEY_BYTES:
                 raise self._bad(
-                    kg, pos, f"entry key of {kl} bytes; composite keys have {_MIN_KEY}..{MAX_STORED_KEY_BYTES} bytes"
+                    kg,
+                    base + pos,
+                    f"entry key of {kl} bytes; composite keys have {_MIN_KEY}..{MAX_STORED_KEY_BYTES} bytes",
                 )
             if end - pos < kl + _VALUE_LEN.size:
-                raise self._bad(kg, pos, f"entry key of {kl} bytes does not fit")
+                if not final:
+                    pos = entry
+                    break
+                raise self._bad(kg, base + pos, f"entry key of {kl} bytes does not fit")
             key = data[pos : pos + kl]
             pos += kl
             if key[:4] not in heads:
-                raise self._bad_head(kg, pos, key, prefix)
+                raise self._bad_head(kg, base + pos, key, prefix)
             (vl,) = value_len(data, pos)
             pos += _VALUE_LEN.size
             if end - pos < vl:
-                raise self._bad(kg, pos, f"entry value of {vl} bytes runs past the key group's data")
+                if not final:
+                    pos = entry
+                    break
+                raise self._bad(kg, base + pos, f"entry value of {vl} bytes runs past the key group's data")
             append((key, data[pos : pos + vl]))
             pos += vl
-        return out
+        return out, pos
 
     def _check_ttl_values(self, out: Chunk, kg: int, ttl_states: dict[bytes, StateMeta]) -> None:
         """Values of states with TTL carry their timestamps: 8 bytes first, or in every list frame."""
@@ -449,4 +565,81 @@ class KeyedSnapshotReader:
         return self._bad(kg, pos, f"entry of unknown state id {_KEY_LEN.unpack_from(key, 2)[0]}")
 
     def _bad(self, kg: int, pos: int, what: str) -> StateRestoreError:
-        return StateRestoreError(f"{self._where}: key group {kg}, byte {pos} of its data: {what}")
+        start = self._handle.offsets[kg - self._handle.key_groups.start]
+        return StateRestoreError(
+            f"{self._where}: key group {kg}, byte {pos} of its data (which starts at file offset {start}): {what}"
+        )
+
+
+class _KeyGroupData:
+    """One key group's data, parsed into entries as its blocks arrive.
+
+    Blocks are held until about :data:`_PARSE_SLAB` bytes are (a key group of one block is parsed whole,
+    once, as before), then the entries that start in each slab are parsed and returned, and only an
+    entry that continues in the next block is kept back: the bytes held are at most a slab, one block
+    and that entry, however large the key group is.
+    """
+
+    def __init__(
+        self, reader: KeyedSnapshotReader, kg: int, sids: list[bytes], ttl_states: dict[bytes, StateMeta], size: int
+    ) -> None:
+        self.reader = reader
+        self.kg = kg
+        self.prefix = _KEY_LEN.pack(kg)
+        self.heads = frozenset(self.prefix + sid for sid in sids)  # key group and state id: the first 4 key bytes
+        self.ttl_states = ttl_states
+        self.size = size
+        self.base = 0
+        """Where the held bytes start in the key group's data (for error messages)."""
+        self._pending: list[bytes] = []
+        self._held = 0
+        self._need = _PARSE_SLAB
+
+    def feed(self, block: bytes) -> Iterator[tuple[int, Chunk]]:
+        self._pending.append(block)
+        self._held += len(block)
+        if self._held >= self._need:
+            yield from self._parse(final=False)
+
+    def finish(self) -> Iterator[tuple[int, Chunk]]:
+        """The rest of the entries: the key group's data ends here."""
+        if self._held:
+            yield from self._parse(final=True)
+
+    def _parse(self, *, final: bool) -> Iterator[tuple[int, Chunk]]:
+        """Two fast parsers run first; on anything unexpected, :meth:`KeyedSnapshotReader._parse_checked`
+        parses again to raise the error at the entry where it is."""
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._pending = []
+        heads, size = self.heads, self.size
+        pos, end = 0, len(data)
+        while pos < end:
+            limit = min(end, pos + _PARSE_SLAB)
+            found = _uniform_prefix(data, pos, limit, heads) or _variable_prefix(data, pos, limit, heads)
+            if found is None:
+                found = self.reader._parse_checked(data, pos, limit, self, final=final)
+            out, stop = found
+            if out:
+                if self.ttl_states:
+                    self.reader._check_ttl_values(out, self.kg, self.ttl_states)
+                for start in range(0, len(out), size):
+                    yield self.kg, out if start == 0 and len(out) <= size else out[start : start + size]
+            if stop == pos:
+                break  # the entry at ``pos`` is not complete in ``data``
+            pos = stop
+        rest = end - pos
+        if rest and final:
+            self.reader._parse_checked(data, pos, end, self, final=True)  # raises at that entry
+            raise AssertionError("unreachable: an incomplete entry passed the checked parser")
+        self.base += pos
+        self._held = rest
+        self._need = _PARSE_SLAB
+        if rest:
+            tail = data[pos:]
+            self._pending = [tail]
+            # An entry longer than a slab is parsed once it is all here (no re-joining per block); its
+            # header is checked now, so a bad one does not make us gather the rest of the key group.
+            self.reader._parse_checked(tail, 0, 1, self, final=False)
+            if rest >= 6 + (kl := _KEY_LEN.unpack_from(tail)[0]):
+                self._need = max(_PARSE_SLAB, 6 + kl + _VALUE_LEN.unpack_from(tail, 2 + kl)[0])

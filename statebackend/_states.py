@@ -4,18 +4,26 @@ Composite keys (``docs/format.md``, "keyed state entries")::
 
     >H key group | >H state id | >H key length | key | >H namespace length | namespace | [map user key]
 
-Stored values: the serializer's bytes, preceded by ``>q`` last-update ms when the state has a TTL.
-A list is one value made of frames ``[>q ts] >I length | element`` so appending never reads the list
-(the engines merge appends). A map stores one KV entry per user key, so its entries iterate in the
-byte order of the serialized user keys.
+The backend supplies the key group and key parts of the current key (:class:`BackendView`); stored values
+are laid out as ``keystate.statebackend._entry_format`` says. A map stores one KV entry per user key, so
+its entries iterate in the byte order of the serialized user keys.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from keystate.statebackend._entry_format import (
+    LIST_FRAME,
+    MAX_STORED_KEY_BYTES,
+    TTL_LIST_FRAME,
+    encode_frame,
+    split_frames,
+    split_plain,
+)
+from keystate.statebackend._kv import KVStore
 from keystate.statebackend.errors import StateError
 from keystate.statebackend.serializers import BytesSerializer, Serializer
 from keystate.statebackend.state import (
@@ -32,76 +40,34 @@ from keystate.statebackend.state import (
     ValueState,
     ValueStateDescriptor,
 )
-from keystate.statebackend.ttl import TTL_HEADER, StateVisibility, TtlConfig, TtlUpdate
+from keystate.statebackend.ttl import TTL_HEADER, Clock, StateVisibility, TtlConfig, TtlUpdate
 
-if TYPE_CHECKING:
-    from keystate.statebackend.keyed import KVKeyedStateBackend
-
-__all__ = ["MAX_STORED_KEY_BYTES", "make_state", "split_frames", "ttl_filter"]
+__all__ = ["BackendView", "make_state"]
 
 _U16 = struct.Struct(">H")
-_FRAME = struct.Struct(">I")
 _TS = TTL_HEADER
-_TS_FRAME = struct.Struct(">qI")
 _EMPTY_NAMESPACE = _U16.pack(0)
-MAX_STORED_KEY_BYTES = 511
-"""Composite keys (with namespace and map key) longer than this are rejected, in every engine: it is
-LMDB's key limit, and a snapshot must restore into either engine."""
 
 
-def split_frames(raw: bytes, with_ttl: bool) -> list[tuple[int, bytes]]:
-    """Decode a stored list into ``(timestamp, element bytes)`` (timestamp 0 without TTL).
+class BackendView(Protocol):
+    """What the state objects read from the keyed backend that made them (``keyed.KVKeyedStateBackend``)."""
 
-    Raises:
-        StateError: the stored bytes are not a sequence of complete frames.
-    """
-    out: list[tuple[int, bytes]] = []
-    pos, end = 0, len(raw)
-    head = _TS_FRAME if with_ttl else _FRAME
-    while pos < end:
-        if end - pos < head.size:
-            raise StateError(f"list state value is truncated at byte {pos} of {end}")
-        if with_ttl:
-            ts, n = _TS_FRAME.unpack_from(raw, pos)
-        else:
-            ts, (n,) = 0, _FRAME.unpack_from(raw, pos)
-        pos += head.size
-        if end - pos < n:
-            raise StateError(f"list state element at byte {pos} claims {n} bytes, {end - pos} left")
-        out.append((ts, raw[pos : pos + n]))
-        pos += n
-    return out
+    kv: KVStore
+    key_group_prefix: bytes
+    """``>H`` key group of the current key."""
+    key_part: bytes
+    """``>H`` key length | serialized current key (empty before the first key). The states cache composite
+    keys by the identity of this object, so another key must come as another object."""
+    clock: Clock
 
-
-def _split_plain(raw: bytes) -> list[bytes]:
-    """The elements of a stored list without TTL (:func:`split_frames` without the timestamps)."""
-    out: list[bytes] = []
-    append = out.append
-    unpack = _FRAME.unpack_from
-    pos, end = 0, len(raw)
-    try:
-        while pos < end:
-            (n,) = unpack(raw, pos)
-            pos += 4
-            append(raw[pos : pos + n])
-            pos += n
-    except struct.error:
-        raise StateError(f"list state value is truncated at byte {pos} of {end}") from None
-    if pos > end:
-        raise StateError(f"list state element at byte {pos - n} claims {n} bytes, {end - pos + n} left")
-    return out
-
-
-def _frame(payload: bytes, ts: int | None) -> bytes:
-    if ts is None:
-        return _FRAME.pack(len(payload)) + payload
-    return _TS_FRAME.pack(ts, len(payload)) + payload
+    @property
+    def current_key(self) -> Any: ...
 
 
 class _Base(State):
     """Shared plumbing: the composite key of the current key, TTL wrapping and unwrapping."""
 
-    def __init__(self, backend: KVKeyedStateBackend, sid: int, descriptor: StateDescriptor[Any]) -> None:
+    def __init__(self, backend: BackendView, sid: int, descriptor: StateDescriptor[Any]) -> None:
         self._b = backend
         self._kv = backend.kv
         self._get = backend.kv.get
@@ -183,7 +149,7 @@ class _Base(State):
 
 
 class _Value(_Base, ValueState[Any]):
-    def __init__(self, backend: KVKeyedStateBackend, sid: int, descriptor: ValueStateDescriptor[Any]) -> None:
+    def __init__(self, backend: BackendView, sid: int, descriptor: ValueStateDescriptor[Any]) -> None:
         super().__init__(backend, sid, descriptor)
         self._default = descriptor.default
 
@@ -217,7 +183,7 @@ class _List(_Base, ListState[Any]):
             return []
         ttl = self._ttl
         if ttl is None:
-            return list(map(self._deserialize, _split_plain(raw)))
+            return list(map(self._deserialize, split_plain(raw)))
         frames = split_frames(raw, True)
         now = self._b.clock()
         live = [(ts, p) for ts, p in frames if now < ts + ttl.ttl_ms]
@@ -236,23 +202,23 @@ class _List(_Base, ListState[Any]):
             self._kv.delete(key)
             return
         if self._ttl is None:
-            self._kv.put(key, b"".join(_frame(p, None) for p in payloads))
+            self._kv.put(key, b"".join(encode_frame(p, None) for p in payloads))
         else:
             now = self._b.clock()
             ts = stamps or [now] * len(payloads)
-            self._kv.put(key, b"".join(_frame(p, t) for p, t in zip(payloads, ts, strict=True)))
+            self._kv.put(key, b"".join(encode_frame(p, t) for p, t in zip(payloads, ts, strict=True)))
 
     def add(self, value: Any) -> None:
         key = self._last_key if self._b.key_part is self._last_key_part else self._key()
         payload = self._serialize(value)
         if self._ttl is None:
-            self._kv.append(key, _FRAME.pack(len(payload)) + payload)
+            self._kv.append(key, LIST_FRAME.pack(len(payload)) + payload)
         else:
-            self._kv.append(key, _TS_FRAME.pack(self._b.clock(), len(payload)) + payload)
+            self._kv.append(key, TTL_LIST_FRAME.pack(self._b.clock(), len(payload)) + payload)
 
     def add_all(self, values: Iterable[Any]) -> None:
         ts = None if self._ttl is None else self._b.clock()
-        data = b"".join(_frame(self._ser.serialize(v), ts) for v in values)
+        data = b"".join(encode_frame(self._ser.serialize(v), ts) for v in values)
         if data:
             self._kv.append(self._key(), data)
 
@@ -261,7 +227,7 @@ class _List(_Base, ListState[Any]):
 
 
 class _Map(_Base, MapState[Any, Any]):
-    def __init__(self, backend: KVKeyedStateBackend, sid: int, descriptor: MapStateDescriptor[Any, Any]) -> None:
+    def __init__(self, backend: BackendView, sid: int, descriptor: MapStateDescriptor[Any, Any]) -> None:
         super().__init__(backend, sid, descriptor)
         self._key_ser: Serializer[Any] = descriptor.key_serializer
         self._serialize_user_key = descriptor.key_serializer.serialize
@@ -332,7 +298,7 @@ class _Map(_Base, MapState[Any, Any]):
 
 
 class _Reducing(_Base, ReducingState[Any]):
-    def __init__(self, backend: KVKeyedStateBackend, sid: int, descriptor: ReducingStateDescriptor[Any]) -> None:
+    def __init__(self, backend: BackendView, sid: int, descriptor: ReducingStateDescriptor[Any]) -> None:
         super().__init__(backend, sid, descriptor)
         self._reduce = descriptor.reduce_function
 
@@ -347,9 +313,7 @@ class _Reducing(_Base, ReducingState[Any]):
 
 
 class _Aggregating(_Base, AggregatingState[Any, Any]):
-    def __init__(
-        self, backend: KVKeyedStateBackend, sid: int, descriptor: AggregatingStateDescriptor[Any, Any, Any]
-    ) -> None:
+    def __init__(self, backend: BackendView, sid: int, descriptor: AggregatingStateDescriptor[Any, Any, Any]) -> None:
         super().__init__(backend, sid, descriptor)
         self._fn = descriptor.aggregate_function
 
@@ -365,7 +329,7 @@ class _Aggregating(_Base, AggregatingState[Any, Any]):
         self._kv.put(key, self._wrap(self._ser.serialize(self._fn.add(value, acc))))
 
 
-def make_state(backend: KVKeyedStateBackend, sid: int, descriptor: StateDescriptor[Any]) -> State:
+def make_state(backend: BackendView, sid: int, descriptor: StateDescriptor[Any]) -> State:
     """The state object for a descriptor's kind."""
     if isinstance(descriptor, ValueStateDescriptor):
         return _Value(backend, sid, descriptor)
@@ -378,18 +342,3 @@ def make_state(backend: KVKeyedStateBackend, sid: int, descriptor: StateDescript
     if descriptor.kind is StateKind.LIST:
         return _List(backend, sid, descriptor)
     raise StateError(f"state {descriptor.name!r}: unsupported descriptor type {type(descriptor).__name__}")
-
-
-def ttl_filter(kind: StateKind, ttl: TtlConfig, now: int, value: bytes) -> bytes | None:
-    """A stored value with its expired parts removed (``None`` if nothing is left alive).
-
-    Used when snapshotting with ``cleanup_in_snapshot`` and by ``purge_expired``.
-    """
-    if kind is StateKind.LIST:
-        frames = split_frames(value, True)
-        live = [(ts, p) for ts, p in frames if now < ts + ttl.ttl_ms]
-        if len(live) == len(frames):
-            return value
-        return b"".join(_frame(p, ts) for ts, p in live) or None
-    (ts,) = _TS.unpack_from(value)
-    return value if now < ts + ttl.ttl_ms else None

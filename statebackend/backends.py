@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from keystate.statebackend._lmdb import LmdbKV
+from keystate.statebackend._lmdb_env import remove_dead_scratch
 from keystate.statebackend.keyed import HeapKeyedStateBackend, LmdbKeyedStateBackend
 from keystate.statebackend.operator_state import OperatorStateBackend
 from keystate.statebackend.serializers import Serializer
 from keystate.statebackend.state import KeyedStateBackend
 from keystate.statebackend.ttl import Clock, system_clock_ms
-from keystate.storage.keygroups import KeyGroupRange
+from keystate.storage.format.keygroups import KeyGroupRange
 
 __all__ = ["HeapStateBackend", "LmdbStateBackend", "StateBackend", "state_backend"]
 
@@ -70,6 +73,11 @@ class HeapStateBackend(StateBackend):
 class LmdbStateBackend(StateBackend):
     """Keyed state in LMDB environments, one per subtask, under ``directory``.
 
+    Each environment is a scratch directory ``keystate-<uid>-<subtask>-<8 hex>`` under ``directory``, locked
+    by its backend while open and deleted on close. Before creating the first one, the scratch directories
+    there that a dead process left (a killed task never deletes its own) are deleted: those whose lock
+    nobody holds (:meth:`remove_dead_scratch`).
+
     Args:
         directory: local working directory for the environments (default: the system temp dir).
             It is scratch space: state survives only through checkpoints.
@@ -92,6 +100,16 @@ class LmdbStateBackend(StateBackend):
         self.map_size = map_size
         self.buffer_entries = buffer_entries
         self.writemap = writemap
+        self._scratch_checked = False
+        self._scratch_lock = threading.Lock()  # subtasks create their backends on several threads at once
+
+    def remove_dead_scratch(self) -> list[Path]:
+        """Delete the scratch directories under :attr:`directory` whose owner process is gone: those named
+        like keystate's scratch directories whose lock can be taken (a live backend holds its lock; the
+        kernel releases it when the process dies, however it dies). Returns the deleted directories.
+
+        Runs once by itself, before the first :meth:`create_keyed_backend`."""
+        return remove_dead_scratch(self.directory)
 
     def create_keyed_backend(
         self,
@@ -103,6 +121,10 @@ class LmdbStateBackend(StateBackend):
         key_serializer: Serializer[Any] | None = None,
         clock: Clock = system_clock_ms,
     ) -> KeyedStateBackend:
+        with self._scratch_lock:
+            if not self._scratch_checked:
+                self._scratch_checked = True
+                self.remove_dead_scratch()
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in operator_uid)[:40] or "op"
         path = self.directory / f"keystate-{safe}-{subtask_index}-{uuid.uuid4().hex[:8]}"
         backend = LmdbKeyedStateBackend(
@@ -118,6 +140,8 @@ class LmdbStateBackend(StateBackend):
             clock=clock,
         )
         backend.delete_directory_on_close()
+        if isinstance(backend.kv, LmdbKV):
+            backend.kv.set_owner(f"operator {operator_uid!r} subtask {subtask_index}")
         return backend
 
 

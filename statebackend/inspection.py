@@ -3,6 +3,10 @@
 Nothing here deserializes with an unsafe serializer: callers decide, per the serializer names in the
 snapshot, whether to decode bytes (``safe_serializer``) or show them raw. Composite keys are split
 into key group, key, namespace and map user key as ``docs/format.md`` describes.
+
+The framing is decoded by the restore's own decoders (``KeyedSnapshotReader``,
+``operator_state.stream_elements``), so what reads here restores, and :func:`check_keyed_handle` /
+:func:`check_operator_handle` (``keystate verify``) refuse whatever a restore would refuse.
 """
 
 from __future__ import annotations
@@ -11,18 +15,27 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from keystate.statebackend._entry_format import split_frames
 from keystate.statebackend._snapshot import KeyedSnapshotReader, SnapshotMeta, StateMeta
-from keystate.statebackend._states import split_frames
-from keystate.statebackend.errors import StateRestoreError
+from keystate.statebackend.errors import StateMigrationError, StateRestoreError
+from keystate.statebackend.keygroups import KEY_GROUP_HASH
+from keystate.statebackend.operator_state import stream_elements
 from keystate.statebackend.state import StateKind
 from keystate.storage.checkpoints import CompletedCheckpoint
-from keystate.storage.keygroups import KeyGroupRange
-from keystate.storage.metadata import KeyedStateHandle, OperatorStateHandle
+from keystate.storage.format.keygroups import KeyGroupRange
+from keystate.storage.format.metadata import KeyedStateHandle, OperatorStateHandle
 
-__all__ = ["KeyedEntry", "OperatorElement", "read_keyed_entries", "read_operator_elements", "snapshot_meta"]
+__all__ = [
+    "KeyedEntry",
+    "OperatorElement",
+    "check_keyed_handle",
+    "check_operator_handle",
+    "read_keyed_entries",
+    "read_operator_elements",
+    "snapshot_meta",
+]
 
 _U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
 _TS = struct.Struct(">q")
 
 
@@ -60,15 +73,22 @@ def _split_key(raw: bytes, where: str) -> tuple[int, int, bytes, bytes, bytes]:
     """kg, sid, key, namespace, rest (the map user key) of a composite key."""
     try:
         kg, sid, klen = struct.unpack_from(">HHH", raw)
-        key = raw[6 : 6 + klen]
-        (nslen,) = _U16.unpack_from(raw, 6 + klen)
-        ns = raw[8 + klen : 8 + klen + nslen]
-        rest = raw[8 + klen + nslen :]
     except struct.error as exc:
         raise StateRestoreError(f"{where}: malformed composite key of {len(raw)} bytes") from exc
-    if len(key) != klen or len(ns) != nslen:
-        raise StateRestoreError(f"{where}: composite key of {len(raw)} bytes is truncated")
-    return kg, sid, key, ns, rest
+    key = raw[6 : 6 + klen]
+    if len(raw) < 8 + klen:
+        raise StateRestoreError(
+            f"{where}: composite key of {len(raw)} bytes is truncated: its key length field says {klen} bytes, "
+            "leaving no room for the namespace length"
+        )
+    (nslen,) = _U16.unpack_from(raw, 6 + klen)
+    ns = raw[8 + klen : 8 + klen + nslen]
+    if len(ns) != nslen:
+        raise StateRestoreError(
+            f"{where}: composite key of {len(raw)} bytes is truncated: its namespace length field says {nslen} "
+            f"bytes, {len(ns)} follow"
+        )
+    return kg, sid, key, ns, raw[8 + klen + nslen :]
 
 
 def read_keyed_entries(
@@ -85,11 +105,30 @@ def read_keyed_entries(
         StateRestoreError: the state file or an entry is damaged.
     """
     reader = KeyedSnapshotReader(checkpoint, handle, operator_uid)
+    yield from _entries(reader, handle, operator_uid, key_groups or handle.key_groups, state_name)
+
+
+def _entries(
+    reader: KeyedSnapshotReader,
+    handle: KeyedStateHandle,
+    operator_uid: str,
+    key_groups: KeyGroupRange,
+    state_name: str | None,
+) -> Iterator[KeyedEntry]:
     states = {s.sid: s for s in reader.meta().states}
-    where = f"operator {operator_uid!r}: {handle.stream.describe}"
-    for raw_key, value in reader.entries(key_groups or handle.key_groups):
+    for raw_key, value in reader.entries(key_groups):
+        kg = _U16.unpack_from(raw_key)[0]  # the reader checked it: the key group whose data this is
+        where = (
+            f"operator {operator_uid!r}: {handle.stream.describe}: key group {kg} (its data starts at file "
+            f"offset {handle.offsets[kg - handle.key_groups.start]})"
+        )
         kg, sid, key, ns, rest = _split_key(raw_key, where)
         state = states[sid]
+        if rest and state.kind is not StateKind.MAP:
+            raise StateRestoreError(
+                f"{where}: an entry of {state.kind.value} state {state.name!r} has {len(rest)} bytes after its "
+                "namespace; only map state keys go on (with the user key)"
+            )
         if state_name is not None and state.name != state_name:
             continue
         ttl = state.ttl is not None
@@ -97,12 +136,12 @@ def read_keyed_entries(
             try:
                 frames = split_frames(value, ttl)
             except Exception as exc:
-                raise StateRestoreError(f"{where}: key group {kg}: list state {state.name!r}: {exc}") from exc
+                raise StateRestoreError(f"{where}: list state {state.name!r}: {exc}") from exc
             values = tuple(p for _, p in frames)
             stamps = tuple(t for t, _ in frames) if ttl else ()
         elif ttl:
             if len(value) < _TS.size:
-                raise StateRestoreError(f"{where}: key group {kg}: state {state.name!r} value lacks its TTL header")
+                raise StateRestoreError(f"{where}: state {state.name!r} value lacks its TTL header")
             values, stamps = (value[_TS.size :],), (_TS.unpack_from(value)[0],)
         else:
             values, stamps = (value,), ()
@@ -117,13 +156,55 @@ def read_operator_elements(checkpoint: CompletedCheckpoint, handle: OperatorStat
         StateRestoreError: the state file is damaged or an offset does not point at an element.
     """
     reader = checkpoint.open_state(handle.stream)
-    data = reader.read_all()
-    for entry in handle.states:
-        for i, offset in enumerate(entry.offsets):
-            if offset + _U32.size > len(data):
-                raise StateRestoreError(f"{reader.name}: state {entry.name!r} element offset {offset} is past the end")
-            (n,) = _U32.unpack_from(data, offset)
-            if offset + _U32.size + n > len(data):
-                raise StateRestoreError(f"{reader.name}: state {entry.name!r} element at {offset} runs past the end")
-            value = data[offset + _U32.size : offset + _U32.size + n]
-            yield OperatorElement(entry.name, entry.mode.value, entry.serializer, i, value)
+    counts = [0] * len(handle.states)
+    for index, value in stream_elements(reader, handle, f"state file {reader.name}"):
+        entry = handle.states[index]
+        yield OperatorElement(entry.name, entry.mode.value, entry.serializer, counts[index], value)
+        counts[index] += 1
+
+
+def check_keyed_handle(checkpoint: CompletedCheckpoint, handle: KeyedStateHandle, operator_uid: str) -> int:
+    """Decode one keyed handle completely, as a restore of all its key groups would, deserializing nothing.
+
+    The meta section and every key group's entries go through :class:`KeyedSnapshotReader`, the restore's
+    own decoder (offsets, entry framing, key groups, state ids, TTL headers); then every composite key and
+    every stored value is split as the states read them (key and namespace lengths, list frames). Only
+    what a snapshot carries is checked, not what depends on the job restoring it (its max parallelism, its
+    key serializer).
+
+    Returns:
+        How many entries the handle holds.
+
+    Raises:
+        StateRestoreError: the handle's bytes are damaged; the message names the state file, the key
+            group (with the file offset where its data starts) and what is wrong.
+        StateMigrationError: the snapshot uses a key-group hash this keystate cannot read.
+        StateFileError: a block of the state file is damaged.
+    """
+    reader = KeyedSnapshotReader(checkpoint, handle, operator_uid)
+    meta = reader.meta()
+    if meta.key_group_hash != KEY_GROUP_HASH:
+        raise StateMigrationError(
+            f"operator {operator_uid!r}: {handle.stream.describe} was written with key-group hash "
+            f"{meta.key_group_hash!r}; this keystate uses {KEY_GROUP_HASH!r}"
+        )
+    count = 0
+    for _ in _entries(reader, handle, operator_uid, handle.key_groups, None):
+        count += 1
+    return count
+
+
+def check_operator_handle(checkpoint: CompletedCheckpoint, handle: OperatorStateHandle, operator_uid: str) -> int:
+    """Read one operator-state handle fully (sizes and checksums) and decode every element's framing
+    with the restore's decoder, deserializing nothing.
+
+    Returns:
+        How many elements the handle holds.
+
+    Raises:
+        StateFileError: the state file is damaged (size, checksum, truncation).
+        StateRestoreError: an element offset lies past the end of the stream, or an element runs past it.
+    """
+    reader = checkpoint.open_state(handle.stream)
+    where = f"operator {operator_uid!r}: state file {reader.name}"
+    return sum(1 for _ in stream_elements(reader, handle, where))

@@ -9,21 +9,22 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
+from keystate.statebackend._entry_format import ttl_filter
 from keystate.statebackend._heap import HeapKV
 from keystate.statebackend._kv import Chunk, KVSnapshot, KVStore
 from keystate.statebackend._lmdb import LmdbKV
 from keystate.statebackend._snapshot import KeyedSnapshotReader, SnapshotMeta, StateMeta, write_keyed_snapshot
-from keystate.statebackend._states import make_state, ttl_filter
+from keystate.statebackend._states import make_state
 from keystate.statebackend.errors import (
     KeyGroupOutOfRangeError,
+    LmdbError,
+    MaxParallelismMismatchError,
     StateError,
     StateMigrationError,
     StateRestoreError,
     StateSnapshotError,
 )
-from keystate.statebackend.keygroups import KEY_GROUP_HASH
+from keystate.statebackend.keygroups import KEY_GROUP_DIGEST, KEY_GROUP_HASH
 from keystate.statebackend.serializers import BytesSerializer, KeySerializer, Serializer
 from keystate.statebackend.state import (
     KeyedSnapshot,
@@ -35,12 +36,10 @@ from keystate.statebackend.state import (
 from keystate.statebackend.ttl import Clock, system_clock_ms
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
 from keystate.storage.errors import KeystateError
-from keystate.storage.keygroups import KeyGroupRange, check_max_parallelism
-from keystate.storage.metadata import KeyedStateHandle
+from keystate.storage.format.keygroups import KeyGroupRange, check_max_parallelism
+from keystate.storage.format.metadata import KeyedStateHandle
 
 __all__ = ["HeapKeyedStateBackend", "KVKeyedStateBackend", "LmdbKeyedStateBackend"]
-
-_xxh3 = xxhash.xxh3_64_intdigest
 
 _U16 = struct.Struct(">H")
 MAX_KEY_BYTES = 400
@@ -138,7 +137,7 @@ class KVKeyedStateBackend(KeyedStateBackend):
         if key is self._current and key.__class__ in _IMMUTABLE_KEYS and self.key_part:
             return  # the same immutable key object again: same bytes, and the states' key caches stay valid
         raw = key if key.__class__ is bytes and self._bytes_keys else self._serialize_key(key)
-        kg = _xxh3(raw) % self.max_parallelism
+        kg = KEY_GROUP_DIGEST(raw) % self.max_parallelism  # assign_key_group(), inlined (per record)
         if kg < self._kg_start or kg > self._kg_end:
             raise KeyGroupOutOfRangeError(
                 f"operator {self.operator_uid!r} subtask {self.subtask_index}: key {key!r} is in key group {kg}, "
@@ -260,7 +259,7 @@ class KVKeyedStateBackend(KeyedStateBackend):
         meta = self._snapshot_meta
         if meta is None:
             meta = self._snapshot_meta = SnapshotMeta(
-                self._key_ser.name, KEY_GROUP_HASH, tuple(self.registered_states())
+                self._key_ser.name, KEY_GROUP_HASH, tuple(self.registered_states()), self.max_parallelism
             )
         return _Snapshot(self, self.kv.snapshot(), meta, self.clock())
 
@@ -274,17 +273,22 @@ class KVKeyedStateBackend(KeyedStateBackend):
             # other keys, and no entry check could notice.
             recorded = checkpoint.metadata.operator(self.operator_uid)
             if recorded is not None and recorded.max_parallelism != self.max_parallelism:
-                raise StateMigrationError(
+                raise MaxParallelismMismatchError(
                     f"operator {self.operator_uid!r}: checkpoint {checkpoint.location} was written with "
                     f"max_parallelism {recorded.max_parallelism} but this backend has {self.max_parallelism}; "
                     f"keep {recorded.max_parallelism} or start without state"
                 )
+        # Every handle is checked before any is loaded, so a refused restore loads nothing.
+        readers: list[tuple[KeyedSnapshotReader, SnapshotMeta, str]] = []
         for checkpoint, handle in ordered:
             if not handle.key_groups.intersection(self.key_groups):
                 continue
             reader = KeyedSnapshotReader(checkpoint, handle, self.operator_uid)
             meta = reader.meta()
             where = f"operator {self.operator_uid!r}: state file {checkpoint.location}/{handle.stream.describe}"
+            # Also under another uid: the snapshot records its max parallelism (or, format 1, the
+            # checkpoint's metadata does for the operator that lists the handle).
+            reader.check_max_parallelism(self.max_parallelism)
             if meta.key_group_hash != KEY_GROUP_HASH:
                 raise StateMigrationError(
                     f"{where} was written with key-group hash {meta.key_group_hash!r}; this keystate uses "
@@ -295,13 +299,15 @@ class KVKeyedStateBackend(KeyedStateBackend):
                     f"{where} was written with key serializer {meta.key_serializer!r} but this backend uses "
                     f"{self._key_ser.name!r}; configure the same key serializer"
                 )
+            readers.append((reader, meta, where))
+        for reader, meta, where in readers:
             translate = self._adopt(meta, where)
             chunks = reader.chunks(self.key_groups)
             if translate:
                 chunks = ((kg, _translated(chunk, translate)) for kg, chunk in chunks)
             try:
                 self.kv.bulk_load_chunks(chunks)
-            except StateRestoreError:
+            except (StateRestoreError, LmdbError):  # LmdbError: the local disk, not the snapshot
                 raise
             except KeystateError as exc:
                 raise StateRestoreError(f"{where}: restore failed: {exc}") from exc
@@ -373,11 +379,22 @@ class LmdbKeyedStateBackend(KVKeyedStateBackend):
         uid = str(kwargs.get("operator_uid", "op"))
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in uid)[:40] or "op"
         path = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix=f"keystate-{safe}-"))
-        super().__init__(
-            LmdbKV(path, map_size=map_size, buffer_entries=buffer_entries, writemap=writemap),
-            **kwargs,
-        )
+        owner = f"operator {uid!r} subtask {kwargs.get('subtask_index', 0)}"
+        self._lmdb = LmdbKV(path, map_size=map_size, buffer_entries=buffer_entries, writemap=writemap, owner=owner)
+        try:
+            super().__init__(self._lmdb, **kwargs)
+        except BaseException:
+            self._lmdb.close()  # releases the directory's lock
+            raise
         self.directory = path
+
+    def restore(self, handles: Sequence[tuple[CompletedCheckpoint, KeyedStateHandle]]) -> None:
+        """See :meth:`KVKeyedStateBackend.restore`. The environment is emptied first (what an earlier owner
+        left in the directory is not the checkpoint's state), also when no handle has entries for it."""
+        self._check_open()
+        if not self._states:
+            self._lmdb.begin_restore()
+        super().restore(handles)
 
     def delete_directory_on_close(self) -> None:
         """Remove the environment's directory on :meth:`close` (it is scratch space)."""

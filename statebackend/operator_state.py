@@ -8,9 +8,11 @@ offsets with :func:`keystate.statebackend.repartition.repartition_operator_state
 
 from __future__ import annotations
 
+import heapq
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, TypeVar
 
 from keystate.statebackend.errors import StateError, StateMigrationError, StateRestoreError, StateSnapshotError
@@ -18,9 +20,10 @@ from keystate.statebackend.serializers import Serializer
 from keystate.statebackend.state import ListState, ListStateDescriptor
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
 from keystate.storage.errors import KeystateError
-from keystate.storage.metadata import DistributionMode, OperatorStateEntry, OperatorStateHandle
+from keystate.storage.format.metadata import DistributionMode, OperatorStateEntry, OperatorStateHandle
+from keystate.storage.format.statefile import StateFileReader
 
-__all__ = ["OperatorSnapshot", "OperatorStateBackend"]
+__all__ = ["OperatorSnapshot", "OperatorStateBackend", "entry_elements", "stream_elements"]
 
 T = TypeVar("T")
 _LEN = struct.Struct(">I")  # >I element length | element bytes
@@ -144,10 +147,7 @@ class OperatorStateBackend:
         for checkpoint, handle in handles:
             reader = checkpoint.open_state(handle.stream)
             where = f"operator {self.operator_uid!r}: state file {reader.name}"
-            try:
-                data = reader.read_all()
-            except KeystateError as exc:
-                raise StateRestoreError(f"{where}: {exc}") from exc
+            targets: list[list[bytes]] = []
             for entry in handle.states:
                 previous = self._restored.setdefault(entry.name, (entry.mode, entry.serializer))
                 if previous != (entry.mode, entry.serializer):
@@ -160,8 +160,18 @@ class OperatorStateBackend:
                     # Restored bytes keep their serializer's name until a descriptor asks for the state.
                     state = _OperatorListState(entry.name, entry.mode, _NamedPassthrough(entry.serializer))
                     self._states[entry.name] = state
-                for offset in entry.offsets:
-                    state.elements.append(_element_at(data, offset, f"{where}: operator state {entry.name!r}"))
+                targets.append(state.elements)
+            # Appended into place: only the elements are kept, never the whole stream.
+            restored: list[list[bytes]] = [[] for _ in handle.states]
+            try:
+                for index, element in stream_elements(reader, handle, where):
+                    restored[index].append(element)
+            except StateRestoreError:
+                raise
+            except KeystateError as exc:
+                raise StateRestoreError(f"{where}: {exc}") from exc
+            for target, elements in zip(targets, restored, strict=True):
+                target.extend(elements)
 
 
 class _NamedPassthrough(Serializer[bytes]):
@@ -177,6 +187,103 @@ class _NamedPassthrough(Serializer[bytes]):
 
     def deserialize(self, data: bytes) -> bytes:
         return data
+
+
+def stream_elements(reader: StateFileReader, handle: OperatorStateHandle, where: str) -> Iterator[tuple[int, bytes]]:
+    """``(index into handle.states, element)`` for every element of an operator-state handle, reading its
+    state file block by block.
+
+    The framing is :func:`entry_elements`'s (``>I element length | element`` at each offset), decoded
+    as the blocks arrive, in the order of the offsets (so each state's elements in its own order). Only
+    the current block and the element being gathered are held besides what is returned, and elements
+    may not overlap (each ends at or before the next offset; equal offsets name one element), so what is
+    returned is at most the stream's raw bytes. The whole file is read, so its size, trailer and
+    whole-file checksum are verified, after the last element.
+
+    Raises:
+        StateRestoreError: an offset lies past the end of the stream, or an element runs past it or
+            into the next element.
+        StateFileError: the state file is damaged (checked as its blocks arrive).
+    """
+    raw_size = handle.stream.raw_size
+    blocks = reader.iter_blocks()
+    buf = bytearray()
+    buf_start = 0  # stream position of buf[0]
+    read = 0  # stream position after the blocks taken so far
+
+    def gather(start: int, stop: int) -> None:
+        """Hold the stream's bytes ``start..stop`` in ``buf``, dropping what precedes ``start``."""
+        nonlocal buf_start, read
+        if start > buf_start:
+            drop = min(start, read) - buf_start
+            del buf[:drop]
+            buf_start += drop
+        while read < stop:
+            block = next(blocks, None)
+            if block is None:  # cannot happen: iter_blocks checked the file's raw size against the handle's
+                raise StateRestoreError(f"{where}: the stream ends at {read} bytes, before {stop}")
+            if read < start:  # ``buf`` is empty here
+                if read + len(block) > start:
+                    buf.extend(memoryview(block)[start - read :])
+                    buf_start = start
+                else:  # wholly before what is wanted: not copied
+                    buf_start = read + len(block)
+            else:
+                buf.extend(block)
+            read += len(block)
+
+    previous = -1  # offset of the previous element
+    element = b""
+    previous_end = 0
+    elements = heapq.merge(*(zip(entry.offsets, repeat(i)) for i, entry in enumerate(handle.states)))
+    for offset, index in elements:
+        name = handle.states[index].name
+        if offset != previous:
+            if offset < previous_end:
+                raise StateRestoreError(
+                    f"{where}: operator state {name!r}: element offset {offset} lies inside the element at "
+                    f"{previous} (bytes {previous}..{previous_end - 1}); elements may not overlap"
+                )
+            if offset + _LEN.size > raw_size:
+                raise StateRestoreError(
+                    f"{where}: operator state {name!r}: element offset {offset} is beyond the {raw_size}-byte stream"
+                )
+            gather(offset, offset + _LEN.size)
+            (n,) = _LEN.unpack_from(buf, offset - buf_start)
+            end = offset + _LEN.size + n
+            if end > raw_size:
+                raise StateRestoreError(
+                    f"{where}: operator state {name!r}: element at offset {offset} claims {n} bytes, past the end "
+                    "of the stream"
+                )
+            gather(offset, end)
+            element = bytes(memoryview(buf)[offset + _LEN.size - buf_start : end - buf_start])
+            previous, previous_end = offset, end
+        yield index, element
+    buf.clear()
+    for _ in blocks:  # the rest of the file: its blocks, trailer and whole-file checksum are verified
+        pass
+
+
+def entry_elements(data: bytes, entry: OperatorStateEntry, where: str) -> Iterator[bytes]:
+    """The elements of one named state in the raw (uncompressed) bytes of its operator-state stream.
+
+    The framing a restore decodes, and nothing more: at each of ``entry.offsets``, ``>I element length |
+    element``, within ``data``. Pure, for a stream already in memory; :meth:`OperatorStateBackend.restore`
+    and the offline readers (``keystate.statebackend.inspection``, ``keystate verify``) decode the same
+    framing from the state file block by block with :func:`stream_elements`, which also refuses
+    overlapping elements.
+
+    Args:
+        data: every raw byte of the stream (``StateFileReader.read_all``).
+        entry: the state's name and element offsets, from its handle.
+        where: names the state file in error messages.
+
+    Raises:
+        StateRestoreError: an offset lies past the end, or an element runs past it.
+    """
+    for offset in entry.offsets:
+        yield _element_at(data, offset, f"{where}: operator state {entry.name!r}")
 
 
 def _element_at(data: bytes, offset: int, where: str) -> bytes:

@@ -1,4 +1,5 @@
-"""Redistributing state when parallelism changes (Flink's ``StateAssignmentOperation`` rules).
+"""Redistributing state when parallelism changes (Flink's ``StateAssignmentOperation`` rules;
+the ids F3-F5 are those of docs/flink-rules.md).
 
 * Keyed state (F3): same parallelism -> subtask i keeps old subtask i's handles; otherwise each new
   subtask gets every old handle whose key-group range intersects its own. Handles stay whole: the
@@ -16,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from keystate.storage.keygroups import key_group_range_for_subtask
-from keystate.storage.metadata import (
+from keystate.storage.format.keygroups import key_group_range_for_subtask
+from keystate.storage.format.metadata import (
     DistributionMode,
     KeyedStateHandle,
     OperatorStateEntry,

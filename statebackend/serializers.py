@@ -17,6 +17,7 @@ import json
 import math
 import pickle
 import struct
+import sys
 from abc import ABC, abstractmethod
 from typing import Any, Generic, TypeVar
 
@@ -90,7 +91,10 @@ class StrSerializer(Serializer[str]):
     def serialize(self, value: str) -> bytes:
         if not isinstance(value, str):
             raise SerializationError(f"str serializer expects str, found {type(value).__name__}")
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SerializationError(_not_unicode("str serializer", exc)) from exc
 
     def deserialize(self, data: bytes) -> str:
         try:
@@ -124,7 +128,14 @@ class FloatSerializer(Serializer[float]):
     def serialize(self, value: float) -> bytes:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SerializationError(f"float64 serializer expects a float, found {type(value).__name__}")
-        return _F64.pack(value)
+        try:
+            return _F64.pack(value)
+        except (struct.error, OverflowError) as exc:  # an int beyond the float range
+            raise SerializationError(
+                f"float64 serializer cannot encode an int of {int(value).bit_length()} bits: it is outside the range "
+                "of a double; "
+                "use the int64 serializer for ints, or json or pickle for larger ones"
+            ) from exc
 
     def deserialize(self, data: bytes) -> float:
         if len(data) != 8:
@@ -142,6 +153,8 @@ class JsonSerializer(Serializer[Any]):
             return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise SerializationError(f"json serializer cannot encode {type(value).__name__}: {exc}") from exc
+        except RecursionError as exc:
+            raise SerializationError(_too_deep("json", value)) from exc
 
     def deserialize(self, data: bytes) -> Any:
         try:
@@ -154,6 +167,26 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")  # never written by serialize (allow_nan=False)
 
 
+def _not_unicode(what: str, exc: UnicodeEncodeError) -> str:
+    bad = exc.object[exc.start : exc.end]
+    return (
+        f"{what} cannot encode {bad!r} at position {exc.start} of a {len(exc.object)}-character string: a lone "
+        "surrogate is not Unicode text and has no UTF-8 form (it usually comes from bytes decoded with "
+        "errors='surrogateescape'); clean the text (e.g. .encode('utf-8', 'replace').decode()) or keep bytes"
+    )
+
+
+def _too_long_key(what: str) -> str:
+    return f"the default key serializer cannot encode {what}: keys are at most 400 bytes; use a shorter key (a hash)"
+
+
+def _too_deep(what: str, value: object) -> str:
+    return (
+        f"{what} serializer cannot encode {type(value).__name__}: it is nested more deeply than Python's recursion "
+        f"limit ({sys.getrecursionlimit()}) allows; flatten the value or store it in smaller parts"
+    )
+
+
 class PickleSerializer(Serializer[Any]):
     """Any picklable object (protocol 5). Not safe on untrusted bytes: the tools never decode it."""
 
@@ -163,8 +196,13 @@ class PickleSerializer(Serializer[Any]):
     def serialize(self, value: Any) -> bytes:
         try:
             return pickle.dumps(value, protocol=5)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            raise SerializationError(f"pickle serializer cannot encode {type(value).__name__}: {exc}") from exc
+        except RecursionError as exc:
+            raise SerializationError(_too_deep("pickle", value)) from exc
+        except Exception as exc:  # pickling runs the value's own code (__reduce__, __getstate__): anything can fail
+            raise SerializationError(
+                f"pickle serializer cannot encode {type(value).__name__}: {type(exc).__name__}: {exc}; make the "
+                "value picklable or give the descriptor another serializer"
+            ) from exc
 
     def deserialize(self, data: bytes) -> Any:
         try:
@@ -194,12 +232,17 @@ class KeySerializer(Serializer[Any]):
         t = type(value)
         if t is str:
             text: str = value
-            return b"\x06" + text.encode("utf-8")
+            try:
+                return b"\x06" + text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise SerializationError(_not_unicode("the default key serializer", exc)) from exc
         if t is int:
             if -_SIGN <= value < _SIGN:
                 return b"\x03" + _I64.pack(value ^ _SIGN if value >= 0 else value + _SIGN)
             big: int = value
             raw = big.to_bytes((big.bit_length() + 8) // 8, "big", signed=True)
+            if len(raw) > 0xFFFF:
+                raise SerializationError(_too_long_key(f"an int of {len(raw)} bytes"))
             return b"\x04" + _U16.pack(len(raw)) + raw
         if t is bytes:
             raw_key: bytes = value
@@ -214,10 +257,18 @@ class KeySerializer(Serializer[Any]):
             return b"\x05" + _F64.pack(value)
         if t is tuple:
             parts = [b"\x08"]
-            for element in value:
-                encoded = self.serialize(element)
-                parts.append(_U16.pack(len(encoded)))
-                parts.append(encoded)
+            try:
+                for element in value:
+                    encoded = self.serialize(element)
+                    if len(encoded) > 0xFFFF:
+                        raise SerializationError(_too_long_key(f"a tuple element of {len(encoded)} bytes"))
+                    parts.append(_U16.pack(len(encoded)))
+                    parts.append(encoded)
+            except RecursionError:
+                raise SerializationError(
+                    "the default key serializer cannot encode a tuple nested more deeply than Python's recursion "
+                    f"limit ({sys.getrecursionlimit()}) allows; use a flat key (keys are at most 400 bytes anyway)"
+                ) from None
             return b"".join(parts)
         raise SerializationError(
             f"the default key serializer handles None, bool, int, float, str, bytes and tuples; found "

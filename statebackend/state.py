@@ -18,8 +18,8 @@ from typing import Any, Generic, Protocol, TypeVar, overload
 from keystate.statebackend.serializers import PickleSerializer, Serializer
 from keystate.statebackend.ttl import TtlConfig
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
-from keystate.storage.keygroups import KeyGroupRange
-from keystate.storage.metadata import KeyedStateHandle
+from keystate.storage.format.keygroups import KeyGroupRange
+from keystate.storage.format.metadata import KeyedStateHandle
 
 __all__ = [
     "AggregateFunction",
@@ -294,12 +294,16 @@ class KeyedStateBackend(ABC):
     def restore(self, handles: Sequence[tuple[CompletedCheckpoint, KeyedStateHandle]]) -> None:
         """Load state from snapshot handles, reading only the key groups this backend owns.
 
-        Call on a fresh backend, before any state access.
+        Call on a fresh backend, before any state access. The result is exactly the handles' state: an
+        LMDB backend whose directory still holds an earlier owner's environment (a crashed worker's, say)
+        discards it first, also when no handle has entries for it, as Flink's RocksDB backend restores into
+        a fresh instance directory.
 
         Raises:
             StateRestoreError: a handle is corrupted, truncated or does not fit.
             StateMigrationError: restored state does not match this backend (key serializer, hash,
-                or the operator's max_parallelism recorded in the checkpoint).
+                or the max parallelism: :class:`~keystate.statebackend.errors.MaxParallelismMismatchError`).
+            LmdbError: the local LMDB environment failed (disk full, map cannot grow, ...).
         """
 
     @abstractmethod

@@ -295,6 +295,6 @@ def test_default_chunking_and_chunk_loading() -> None:
     assert by_chunk(view, GROUPS, 3) == by_entry(view, GROUPS)
     chunks = [(kg, list(zip(ks, vs, strict=True))) for kg, ks, vs in view.iter_chunks(GROUPS, 3)]
     target = HeapKV()
-    assert super(HeapKV, target).bulk_load_chunks(chunks) == 14
+    assert target.bulk_load_chunks(chunks) == 14
     assert [target.scan(struct.pack(">H", kg)) for kg in (1, 3)] == [store.scan(struct.pack(">H", kg)) for kg in (1, 3)]
     view.release()

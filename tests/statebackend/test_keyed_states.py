@@ -292,6 +292,15 @@ def test_key_outside_the_key_group_range_is_rejected(new_backend: BackendFactory
     assert count.value() == 1
 
 
+@pytest.mark.parametrize("max_parallelism", [1, 7, 128, 32768])
+def test_keys_go_to_the_key_group_of_assign_key_group(new_backend: BackendFactory, max_parallelism: int) -> None:
+    """``set_current_key`` inlines :func:`assign_key_group` (it runs per record): pin the two together."""
+    backend = new_backend(max_parallelism=max_parallelism, key_groups=KeyGroupRange(0, max_parallelism - 1))
+    for key in [*range(200), "a", "hello", (1, "x"), b"raw", None, True, 2**70, -7]:
+        backend.set_current_key(key)
+        assert backend.key_group_prefix == key_group_of(key, max_parallelism).to_bytes(2, "big"), key
+
+
 def test_too_long_keys_are_rejected(backend: KVKeyedStateBackend) -> None:
     count = backend.get_state(COUNT)
     backend.set_current_key("x" * 399)  # tag byte + 399 = 400 bytes: the limit

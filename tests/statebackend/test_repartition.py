@@ -1,4 +1,5 @@
-"""Operator-state repartitioning as Flink's RoundRobinOperatorStateRepartitioner (reference F4, F5),
+"""Operator-state repartitioning as Flink's RoundRobinOperatorStateRepartitioner (rules F4, F5 of
+docs/flink-rules.md),
 checked by restoring the repartitioned handles into real OperatorStateBackends."""
 
 from __future__ import annotations

@@ -28,7 +28,10 @@ from keystate.storage import (
     StateFileError,
     StreamOptions,
 )
-from keystate.storage.statefile import BLOCK_HEADER, TRAILER
+from keystate.storage.format.statefile import (
+    BLOCK_HEADER,
+    TRAILER,
+)
 from tests.statebackend.support import (
     FULL,
     JOB_ID,
@@ -252,7 +255,7 @@ def test_first_offset_must_follow_the_meta(new_backend: BackendFactory, storage:
     [
         (b"{not json", "JSON"),
         (json.dumps(valid_meta(extra=1)).encode(), "extra"),
-        (json.dumps(valid_meta(format_version=2)).encode(), "format_version 2"),
+        (json.dumps(valid_meta(format_version=3)).encode(), "format_version 3"),
         (json.dumps({k: v for k, v in valid_meta().items() if k != "states"}).encode(), "states"),
         (json.dumps(valid_meta(states=[{**valid_meta()["states"][0], "color": "red"}])).encode(), "color"),
         (json.dumps(valid_meta(states=[{**valid_meta()["states"][0], "kind": "tree"}])).encode(), "kind"),
