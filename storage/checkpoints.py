@@ -312,10 +312,10 @@ class CheckpointWriter:
         Raises:
             MissingStateFilesError: the metadata references exclusive files neither written nor adopted
                 (a ``CommitFailedError``; nothing was written).
-            CommitFailedError: the metadata is over the size a reader accepts (``MAX_DOCUMENT_BYTES``;
-                nothing was written), or the commit did not happen.
             CommitConflictError: another writer already committed this checkpoint id.
-            CommitFailedError: the commit did not happen; nothing changed.
+            CommitFailedError: the commit did not happen; nothing changed. Also when the metadata is over
+                what a reader accepts (``validation.MAX_DOCUMENT_BYTES``, ``MAX_DOCUMENT_CONTAINERS``):
+                then nothing was written and the writer is as it was.
             CommitOutcomeUnknownError: the write failed in a way that may or may not have committed.
         """
         if (metadata.job_id, metadata.checkpoint_id, metadata.kind) != (

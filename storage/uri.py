@@ -28,6 +28,7 @@ from keystate.storage.base import ObjectStore, validate_key
 from keystate.storage.checkpoints import CHECKPOINT_DIR, METADATA_FILE, SAVEPOINT_DIR, CheckpointStorage
 from keystate.storage.errors import InvalidURIError
 from keystate.storage.format.metadata import JOB_ID_PATTERN
+from keystate.storage.format.statefile import ReadLimits
 from keystate.storage.streams import StreamOptions
 
 __all__ = ["Location", "open_storage", "open_store", "parse_location"]
@@ -187,6 +188,7 @@ def open_storage(
     endpoint_url: str | None = None,
     options: StreamOptions | None = None,
     savepoint_dir: str = "savepoints",
+    read_limits: ReadLimits | None = None,
 ) -> CheckpointStorage:
     """Checkpoint storage rooted at a location: ``"/path"``, ``"file:///path"`` or ``"s3://bucket/prefix"``.
 
@@ -195,10 +197,14 @@ def open_storage(
         endpoint_url: S3 endpoint override (else boto3's configuration and ``AWS_ENDPOINT_URL``).
         options: how state streams are written (inline threshold, compression).
         savepoint_dir: the savepoints directory under the location.
+        read_limits: what a state file read from there may declare (16 MiB per block, 4 GiB per file
+            by default; docs/format.md section 3.8).
 
     Raises:
         InvalidURIError: the location cannot be parsed.
     """
     location = parse_location(uri)
     store = open_store(location, endpoint_url=endpoint_url)
-    return CheckpointStorage(store, location.path, options=options, savepoint_dir=savepoint_dir)
+    return CheckpointStorage(
+        store, location.path, options=options, savepoint_dir=savepoint_dir, read_limits=read_limits
+    )

@@ -79,7 +79,7 @@ def test_a_huge_declared_block_length_allocates_almost_nothing(
 
 
 def test_the_largest_block_a_reader_accepts_bounds_what_a_tiny_file_can_make_it_allocate(tmp_path: Path) -> None:
-    """A block declaring the largest legal stored length (about 64 MiB) in a file of a few bytes, with no
+    """A block declaring the largest legal stored length (about 16 MiB) in a file of a few bytes, with no
     size to check it against: the read is refused, having allocated at most about that much."""
     data = _hostile(MAX_STORED_BLOCK, MAX_RAW_BLOCK, Compression.ZSTD)
     (tmp_path / "f.ksf").write_bytes(data)
