@@ -95,10 +95,25 @@ class JobClient:
     async def wait(self) -> JobResult:
         return await asyncio.shield(self._runner)
 
+    async def _deployed(self) -> None:
+        """Wait until the first attempt's tasks are deployed, or the job ended before that.
+
+        The job recovers its earlier checkpoints (a thread hop) before it deploys, so a trigger right after
+        :func:`submit` would otherwise find no running task and be declined; Flink's client likewise acts
+        on a job only once it has left INITIALIZING.
+        """
+        deployed = asyncio.ensure_future(self._execution.deployed.wait())
+        try:
+            await asyncio.wait({deployed, self._runner}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            deployed.cancel()
+
     async def trigger_checkpoint(self) -> CompletedCheckpoint:
+        await self._deployed()
         return await self._execution.coordinator.trigger()
 
     async def trigger_savepoint(self) -> CompletedCheckpoint:
+        await self._deployed()
         return await self._execution.coordinator.trigger_savepoint()
 
     async def stop_with_savepoint(self, *, drain: bool = True) -> CompletedCheckpoint:
@@ -107,6 +122,7 @@ class JobClient:
         Raises:
             StopWithSavepointError: the savepoint failed; the job keeps running or fails over.
         """
+        await self._deployed()
         savepoint = await self._execution.coordinator.stop_with_savepoint(drain=drain)
         self._execution.savepoint = savepoint
         await self.wait()
@@ -157,6 +173,8 @@ class _Execution:
         self.coordinator.listeners.append(self._on_checkpoint)
         self._stop_event = asyncio.Event()
         self._stop_error: BaseException | None = None
+        self.deployed = asyncio.Event()
+        """Set once the first attempt's tasks are attached to the coordinator."""
 
     def _on_checkpoint(self, checkpoint: CompletedCheckpoint) -> None:
         # Recorded here, not by the client: the job may end before the client's await resumes.
@@ -249,6 +267,7 @@ class _Execution:
         tasks = self.deploy(attempt, restore)
         gateways: dict[SubtaskId, TaskGateway] = dict(tasks)
         self.coordinator.attach(gateways)
+        self.deployed.set()
         periodic = asyncio.get_running_loop().create_task(self.coordinator.run_periodic(), name="checkpoint-scheduler")
         try:
             async with asyncio.TaskGroup() as group:
