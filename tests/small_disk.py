@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests._environment import unavailable
 
 __all__ = ["fill", "free_bytes", "small_tmpfs", "temp_files", "total_bytes"]
 
@@ -19,7 +19,7 @@ __all__ = ["fill", "free_bytes", "small_tmpfs", "temp_files", "total_bytes"]
 def small_tmpfs(mount: Path, size: str = "3m") -> Iterator[Path]:
     """Mount a tmpfs of ``size`` on ``mount`` (made if missing) for the ``with`` block, then unmount it."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+        unavailable("mounting a small tmpfs needs root and mount(8)")
     mount.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mount)],
@@ -28,7 +28,7 @@ def small_tmpfs(mount: Path, size: str = "3m") -> Iterator[Path]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
         yield mount
     finally:

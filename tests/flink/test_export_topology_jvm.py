@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._environment import unavailable
+
 REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "tests" / "flink" / "generate" / "pyflink_example_job.py"
 EXPECTED = REPO / "tests" / "flink" / "fixtures" / "pyflink-example-job"
@@ -24,9 +26,7 @@ pytestmark = pytest.mark.slow
 def _flink_python() -> str:
     python = os.environ.get("KEYSTATE_FLINK_PYTHON")
     if not python:
-        if os.environ.get("CI"):
-            pytest.fail("KEYSTATE_FLINK_PYTHON is not set: .ci/run installs apache-flink and sets it")
-        pytest.skip("set KEYSTATE_FLINK_PYTHON to a Python with apache-flink==2.3.0 and keystate installed")
+        unavailable("KEYSTATE_FLINK_PYTHON: a Python with apache-flink==2.3.0 and keystate (.ci/run installs it)")
     return python
 
 

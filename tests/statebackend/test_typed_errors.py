@@ -38,6 +38,7 @@ from keystate.statebackend.errors import (
     LmdbReadersFullError,
 )
 from keystate.storage import KeystateError
+from tests._environment import unavailable
 from tests.small_disk import small_tmpfs
 from tests.statebackend.support import BackendFactory
 
@@ -232,7 +233,7 @@ def test_a_full_disk_is_a_disk_full_error_and_the_changes_stay_readable(disk: Pa
 def remount_read_only(mount: Path) -> None:
     done = subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        pytest.skip(f"cannot remount the tmpfs read-only: {done.stderr.strip()}")
+        unavailable(f"cannot remount the tmpfs read-only: {done.stderr.strip()}")
 
 
 def test_a_read_only_file_system_is_an_access_denied_error(disk: Path) -> None:

@@ -32,6 +32,7 @@ from keystate.storage import (
     StorageError,
 )
 from keystate.storage.errors import UnsafeLinkError
+from tests._environment import unavailable
 from tests.storage.checkpoint_support import JOB, OPTIONS, checkpoint, keys
 
 SECRET = b"root:x:0:0:the bytes outside the root that must never be read:/root:/bin/bash\n"
@@ -282,7 +283,7 @@ def test_reads_and_writes_racing_a_directory_swapped_for_a_link_never_leave_the_
     puts and deletes run: each sees the real directory, no object, or a refusal; never the decoy."""
     exchange = _exchanger()
     if exchange is None:
-        pytest.skip("needs renameat2(RENAME_EXCHANGE) to swap a directory and a link atomically")
+        unavailable("needs renameat2(RENAME_EXCHANGE) to swap a directory and a link atomically")
     key = tree.exclusive
     data = tree.store.get(key)
     before = tree.decoy_files()
@@ -403,7 +404,7 @@ def test_no_descriptor_is_left_open(tree: Tree) -> None:
     """Every walk closes what it opened, on success and on refusal."""
     fd_dir = Path("/proc/self/fd")
     if not fd_dir.is_dir():
-        pytest.skip("needs /proc")
+        unavailable("needs /proc")
     key = tree.exclusive
     opened = len(os.listdir(fd_dir))
     for _ in range(20):
