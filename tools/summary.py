@@ -94,24 +94,7 @@ class OperatorSummary:
     key_group_ranges: list[KeyGroupRange]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "uid": self.uid,
-            "parallelism": self.parallelism,
-            "max_parallelism": self.max_parallelism,
-            "status": self.status.value,
-            "finished_subtasks": self.finished_subtasks,
-            "state_bytes": self.state_bytes,
-            "handles": self.handles,
-            "inputs": self.inputs,
-            "inputs_known": True,
-            "raw_state_bytes": self.raw_state_bytes,
-            "key_groups": {
-                "covered": self.key_groups_covered,
-                "ranges": [[r.start, r.end] for r in self.key_group_ranges],
-            }
-            if self.keyed
-            else None,
-        }
+        return _operator_dict(self, self.inputs, self.raw_state_bytes)
 
 
 @dataclass(frozen=True)
@@ -209,26 +192,32 @@ class FlinkOperatorSummary:
     state: FlinkOperatorState
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "uid": self.uid,
-            "parallelism": self.parallelism,
-            "max_parallelism": self.max_parallelism,
-            "status": self.status.value,
-            "finished_subtasks": self.finished_subtasks,
-            "state_bytes": self.state_bytes,
-            "handles": self.handles,
-            "inputs": None,
-            "inputs_known": False,
-            "raw_state_bytes": None,
-            "key_groups": {
-                "covered": self.key_groups_covered,
-                "ranges": [[r.start, r.end] for r in self.key_group_ranges],
-            }
-            if self.keyed
-            else None,
-            "operator_id": self.operator_id,
-            "name": self.name,
+        return {**_operator_dict(self, None, None), "operator_id": self.operator_id, "name": self.name}
+
+
+def _operator_dict(
+    op: OperatorSummary | FlinkOperatorSummary, inputs: list[dict[str, str]] | None, raw_state_bytes: int | None
+) -> dict[str, Any]:
+    """An operator's ``inspect --json`` contract fields, for either source format (``inputs`` None: the
+    format stores no edges, so they are unknown)."""
+    return {
+        "uid": op.uid,
+        "parallelism": op.parallelism,
+        "max_parallelism": op.max_parallelism,
+        "status": op.status.value,
+        "finished_subtasks": op.finished_subtasks,
+        "state_bytes": op.state_bytes,
+        "handles": op.handles,
+        "inputs": inputs,
+        "inputs_known": inputs is not None,
+        "raw_state_bytes": raw_state_bytes,
+        "key_groups": {
+            "covered": op.key_groups_covered,
+            "ranges": [[r.start, r.end] for r in op.key_group_ranges],
         }
+        if op.keyed
+        else None,
+    }
 
 
 @dataclass(frozen=True)
