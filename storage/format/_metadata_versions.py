@@ -1,8 +1,9 @@
 """``_metadata`` versions: :func:`parse_metadata` pops ``format_version`` and dispatches to that version's
 parser; :func:`dump_metadata` writes the newest version.
 
-A new format version adds a module (``_metadata_v2.py``) and an entry in ``_PARSERS``; the existing
-version's parser is never edited to accept the new one, and ``dump_metadata`` always writes the newest.
+A new format version adds a module (``_metadata_v2.py``: version 1 plus fields, through ``CodecV1``'s hooks)
+and an entry in ``_PARSERS``; an existing version's parser never accepts a newer one's fields, and
+``dump_metadata`` always writes the newest.
 Imports point one way: this module imports the version modules, which import the model
 (``keystate.storage.format.metadata``); the model imports neither.
 """
@@ -13,13 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 from keystate.storage.errors import MetadataError, UnsupportedMetadataVersionError
-from keystate.storage.format._metadata_v1 import dump_v1, parse_v1
+from keystate.storage.format._metadata_v1 import parse_v1
+from keystate.storage.format._metadata_v2 import dump_v2, parse_v2
 from keystate.storage.format.metadata import CheckpointMetadata
 from keystate.storage.format.validation import loads_strict
 
 __all__ = ["SUPPORTED_VERSIONS", "dump_metadata", "parse_metadata"]
 
-_PARSERS: dict[int, Callable[[dict[str, Any], str], CheckpointMetadata]] = {1: parse_v1}
+_PARSERS: dict[int, Callable[[dict[str, Any], str], CheckpointMetadata]] = {1: parse_v1, 2: parse_v2}
 SUPPORTED_VERSIONS = tuple(sorted(_PARSERS))
 
 
@@ -48,5 +50,10 @@ def parse_metadata(data: bytes, where: str) -> CheckpointMetadata:
 
 
 def dump_metadata(metadata: CheckpointMetadata) -> bytes:
-    """Serialize in the newest format version: compact, deterministic UTF-8 JSON and a newline."""
-    return dump_v1(metadata)
+    """Serialize in the newest format version (2): compact, deterministic UTF-8 JSON and a newline.
+
+    Raises:
+        MetadataError: the metadata cannot be written as version 2 (a shared handle without ``written_by``,
+            a savepoint with a shared handle).
+    """
+    return dump_v2(metadata)

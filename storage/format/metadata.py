@@ -27,12 +27,14 @@ __all__ = [
     "CheckpointKind",
     "CheckpointMetadata",
     "CheckpointProperties",
+    "CheckpointStatistics",
     "DistributionMode",
     "HandleScope",
     "KeyedStateHandle",
     "OperatorState",
     "OperatorStateEntry",
     "OperatorStateHandle",
+    "OperatorStatistics",
     "OperatorStatus",
     "StreamHandle",
     "SubtaskState",
@@ -40,6 +42,8 @@ __all__ = [
 
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 CHECKSUM_PATTERN = re.compile(r"xxh3-64:[0-9a-f]{16}")
+MAX_ID = (1 << 63) - 1
+"""Checkpoint ids, ``written_by``, timestamps and statistics are integers in 0..MAX_ID."""
 
 
 class CheckpointKind(StrEnum):
@@ -95,8 +99,19 @@ class StreamHandle:
     """For ``exclusive`` and ``shared`` scope: a safe relative path (no ``..``, not absolute)."""
     data: bytes | None = None
     """For ``inline`` scope: the state file's bytes; ``len(data) == size``."""
+    written_by: int | None = None
+    """For ``shared`` scope: the id of the checkpoint that wrote the file (required in format version 2;
+    ``None`` in version 1). ``None`` for ``exclusive`` and ``inline``: their checkpoint wrote them."""
 
     def __post_init__(self) -> None:
+        if self.written_by is not None:
+            if self.scope is not HandleScope.SHARED:
+                raise _invalid(
+                    f"a {self.scope.value} handle has no 'written_by' (only shared files are written by another "
+                    "checkpoint)"
+                )
+            if isinstance(self.written_by, bool) or not 0 <= self.written_by <= MAX_ID:
+                raise _invalid(f"handle written_by must be a checkpoint id (0..2^63-1), found {self.written_by!r}")
         if self.size < 0 or self.raw_size < 0:
             raise _invalid(f"handle sizes must not be negative (size {self.size}, raw_size {self.raw_size})")
         if not CHECKSUM_PATTERN.fullmatch(self.checksum):
@@ -115,6 +130,12 @@ class StreamHandle:
     def describe(self) -> str:
         return "inline" if self.path is None else f"{self.scope.value}:{self.path}"
 
+    def written_in(self, checkpoint_id: int) -> bool:
+        """Whether checkpoint ``checkpoint_id`` wrote this file: exclusive and inline handles always, a
+        shared one when ``written_by == checkpoint_id`` (or unknown, ``None``: format version 1 has no
+        incremental checkpoints, so its shared files count as written by the checkpoint that lists them)."""
+        return self.scope is not HandleScope.SHARED or self.written_by is None or self.written_by == checkpoint_id
+
 
 @dataclass(frozen=True, slots=True)
 class KeyedStateHandle:
@@ -122,13 +143,56 @@ class KeyedStateHandle:
 
     ``offsets[i]`` is where key group ``key_groups.start + i`` starts; it is always a block boundary.
     A key group ends where the next one starts; the last one ends at the trailer.
+
+    An incremental handle (``deltas`` not empty) is a base plus delta files: ``stream`` / ``offsets`` are the
+    base (a full keyed snapshot, as in a full handle) and ``deltas`` are delta files of the same key groups,
+    applied in order after it (docs/format.md, "Delta files"). All of its streams are shared and carry
+    ``written_by``: the base's is the oldest, each delta's greater than the one before. A full handle has
+    no deltas and may be exclusive or inline.
     """
 
     key_groups: KeyGroupRange
     offsets: tuple[int, ...]
     stream: StreamHandle
+    deltas: tuple[KeyedStateHandle, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_offsets()
+        if self.deltas:
+            self._check_deltas()
+
+    def _check_deltas(self) -> None:
+        if self.stream.scope is not HandleScope.SHARED or self.stream.written_by is None:
+            raise _invalid(
+                f"incremental keyed handle for key groups {self.key_groups}: its base must be a shared file "
+                f"with 'written_by' (found {self.stream.scope.value}, written_by {self.stream.written_by})"
+            )
+        previous = self.stream.written_by
+        for i, delta in enumerate(self.deltas):
+            if not isinstance(delta, KeyedStateHandle):
+                raise _invalid(f"delta {i} of a keyed handle is a {type(delta).__name__}, not a keyed handle")
+            if delta.deltas:
+                raise _invalid(f"delta {i} of keyed handle for key groups {self.key_groups} has deltas itself")
+            if delta.key_groups != self.key_groups:
+                raise _invalid(
+                    f"delta {i} covers key groups {delta.key_groups}; the deltas of a keyed handle cover the "
+                    f"base's key groups {self.key_groups}"
+                )
+            written_by = delta.stream.written_by
+            if delta.stream.scope is not HandleScope.SHARED or written_by is None:
+                raise _invalid(
+                    f"delta {i} of keyed handle for key groups {self.key_groups} must be a shared file with "
+                    f"'written_by' (found {delta.stream.scope.value}, written_by {written_by})"
+                )
+            if written_by <= previous:
+                raise _invalid(
+                    f"delta {i} of keyed handle for key groups {self.key_groups} was written by checkpoint "
+                    f"{written_by}, not after {previous}; deltas are ordered by strictly increasing written_by, "
+                    "all after the base's"
+                )
+            previous = written_by
+
+    def _check_offsets(self) -> None:
         if not self.key_groups:
             raise _invalid("a keyed handle needs a non-empty key-group range")
         if len(self.offsets) != len(self.key_groups):
@@ -152,6 +216,16 @@ class KeyedStateHandle:
         start = self.offsets[i]
         end = self.offsets[i + 1] if i + 1 < len(self.offsets) else None
         return start, end
+
+    @property
+    def is_incremental(self) -> bool:
+        return bool(self.deltas)
+
+    def streams(self) -> Iterator[StreamHandle]:
+        """The files of this handle: the base, then the deltas in the order they are applied."""
+        yield self.stream
+        for delta in self.deltas:
+            yield delta.stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +276,41 @@ class OperatorStateHandle:
                 )
 
 
+def _check_counter(owner: str, name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
+        raise _invalid(f"{owner}: '{name}' must be an integer in 0..2^63-1, found {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorStatistics:
+    """How one operator took a checkpoint: maxima over its acknowledged subtasks (as Flink's checkpoint
+    statistics show per operator). Durations are whole milliseconds."""
+
+    sync_duration_ms: int
+    """The synchronous part of the snapshot (the task is blocked meanwhile)."""
+    async_duration_ms: int
+    """The asynchronous part: writing the state files."""
+    alignment_duration_ms: int
+    """From the first barrier received to the last one (0 for a source, or one input)."""
+    acknowledged_subtasks: int
+    """Subtasks that acknowledged the checkpoint."""
+
+    def __post_init__(self) -> None:
+        for name in ("sync_duration_ms", "async_duration_ms", "alignment_duration_ms", "acknowledged_subtasks"):
+            _check_counter("operator statistics", name, getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointStatistics:
+    """How the checkpoint went as a whole."""
+
+    duration_ms: int
+    """From trigger to completion (the coordinator received every acknowledgement), in milliseconds."""
+
+    def __post_init__(self) -> None:
+        _check_counter("checkpoint statistics", "duration_ms", self.duration_ms)
+
+
 @dataclass(frozen=True, slots=True)
 class SubtaskState:
     """One subtask slot: the FLIP-147 finished marker, or the subtask's state handles."""
@@ -218,14 +327,20 @@ class SubtaskState:
             raise _invalid(f"subtask {self.index} is marked finished but carries state; a finished marker has none")
 
     def handles(self) -> Iterator[StreamHandle]:
+        """Every file this subtask's state references: keyed bases and their deltas, then operator state."""
         for k in self.keyed:
-            yield k.stream
+            yield from k.streams()
         for o in self.operator:
             yield o.stream
 
     @property
     def state_bytes(self) -> int:
+        """The full state size: the stored bytes of every referenced file (bases and deltas included)."""
         return sum(h.size for h in self.handles())
+
+    def incremental_state_bytes(self, checkpoint_id: int) -> int:
+        """The stored bytes of the files checkpoint ``checkpoint_id`` wrote (:meth:`StreamHandle.written_in`)."""
+        return sum(h.size for h in self.handles() if h.written_in(checkpoint_id))
 
 
 @dataclass(frozen=True)
@@ -240,6 +355,8 @@ class OperatorState:
     """FLIP-147 ``FullyFinishedOperatorState``: every subtask finished; no subtask entries at all."""
     subtasks: tuple[SubtaskState, ...] = ()
     """Subtasks with state or a finished marker, by ascending index; an absent index has no state."""
+    statistics: OperatorStatistics | None = None
+    """Durations of this checkpoint at this operator (format version 2; ``None`` when not recorded)."""
 
     def __post_init__(self) -> None:
         try:
@@ -270,12 +387,17 @@ class OperatorState:
                     f"0..{self.parallelism - 1}; indices must be unique and ascending"
                 )
             previous = st.index
-            for k in st.keyed:
+            for k in st.keyed:  # a delta's key groups equal its base's
                 if k.key_groups.end >= self.max_parallelism:
                     raise _invalid(
                         f"operator {self.uid!r} subtask {st.index}: key groups {k.key_groups} exceed "
                         f"max_parallelism {self.max_parallelism}"
                     )
+        if self.statistics is not None and self.statistics.acknowledged_subtasks > self.parallelism:
+            raise _invalid(
+                f"operator {self.uid!r}: statistics count {self.statistics.acknowledged_subtasks} acknowledged "
+                f"subtasks, more than its parallelism {self.parallelism}"
+            )
 
     @property
     def status(self) -> OperatorStatus:
@@ -304,7 +426,18 @@ class OperatorState:
 
     @property
     def state_bytes(self) -> int:
+        """The full state size: stored bytes of every file the operator's state references."""
         return sum(st.state_bytes for st in self.subtasks)
+
+    @property
+    def full_state_bytes(self) -> int:
+        """Same as :attr:`state_bytes` (Flink's "Full Checkpoint Data Size")."""
+        return self.state_bytes
+
+    def incremental_state_bytes(self, checkpoint_id: int) -> int:
+        """Stored bytes of the files checkpoint ``checkpoint_id`` wrote for this operator (Flink's
+        "Checkpointed Data Size"): exclusive and inline files, and shared ones it wrote."""
+        return sum(st.incremental_state_bytes(checkpoint_id) for st in self.subtasks)
 
     @property
     def has_state(self) -> bool:
@@ -336,7 +469,8 @@ class CheckpointProperties:
 class CheckpointMetadata:
     """Everything ``_metadata`` holds. Written last and create-only: its presence = checkpoint complete."""
 
-    FORMAT_VERSION: ClassVar[int] = 1
+    FORMAT_VERSION: ClassVar[int] = 2
+    """The ``_metadata`` format version ``dump_metadata`` writes (every supported version parses to this model)."""
 
     checkpoint_id: int
     job_id: str
@@ -346,6 +480,11 @@ class CheckpointMetadata:
     """Milliseconds since the Unix epoch when the checkpoint was triggered."""
     operators: tuple[OperatorState, ...]
     properties: CheckpointProperties = CheckpointProperties()
+    statistics: CheckpointStatistics | None = None
+    """Trigger-to-completion duration (format version 2; ``None`` when not recorded)."""
+    source_version: int | None = field(default=None, compare=False, repr=False)
+    """The ``format_version`` of the document this was parsed from (``None``: built in code). Not part of
+    the value: a parsed version-1 document equals the same metadata built in code."""
     _by_uid: dict[str, OperatorState] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -361,6 +500,14 @@ class CheckpointMetadata:
             self.topology()  # unique uids, known inputs, no cycles, forward edges of equal parallelism
         except TopologyError as exc:
             raise _invalid(f"topology: {exc}") from exc
+        for op in self.operators:
+            for st in op.subtasks:
+                for h in st.handles():
+                    if h.written_by is not None and h.written_by > self.checkpoint_id:
+                        raise _invalid(
+                            f"operator {op.uid!r} subtask {st.index}: shared file {h.path!r} was written by "
+                            f"checkpoint {h.written_by}, after this checkpoint {self.checkpoint_id}"
+                        )
         object.__setattr__(self, "_by_uid", {op.uid: op for op in self.operators})
 
     def operator(self, uid: str) -> OperatorState | None:
@@ -378,7 +525,32 @@ class CheckpointMetadata:
 
     @property
     def total_state_bytes(self) -> int:
+        """The full state size (same as :attr:`full_state_bytes`)."""
         return sum(op.state_bytes for op in self.operators)
+
+    @property
+    def full_state_bytes(self) -> int:
+        """Stored bytes of every file the checkpoint references (Flink's "Full Checkpoint Data Size")."""
+        return self.total_state_bytes
+
+    @property
+    def incremental_state_bytes(self) -> int:
+        """Stored bytes of the files this checkpoint wrote (Flink's "Checkpointed Data Size"): exclusive and
+        inline files, and shared files with ``written_by == checkpoint_id``. Equals :attr:`full_state_bytes`
+        for a full checkpoint. A file referenced twice counts twice, as in Flink's per-handle sums."""
+        return sum(op.incremental_state_bytes(self.checkpoint_id) for op in self.operators)
+
+    @property
+    def is_incremental(self) -> bool:
+        """Whether the checkpoint builds on earlier ones: a keyed handle with deltas, or a shared file an
+        earlier checkpoint wrote."""
+        for op in self.operators:
+            for st in op.subtasks:
+                if any(k.deltas for k in st.keyed):
+                    return True
+                if any(h.written_by is not None and h.written_by < self.checkpoint_id for h in st.handles()):
+                    return True
+        return False
 
     @property
     def directory_name(self) -> str:

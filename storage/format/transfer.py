@@ -11,8 +11,12 @@ invariants and the same errors, whose messages name the field (``"worker 1.keyed
 
 Layout: a form is the object ``_metadata`` holds at that place (``docs/format.md``) plus two keys::
 
-    {"format_version": 1, "handle": "keyed", "key_groups": [0, 63], "offsets": [...], "stream": {...}}
-    {"format_version": 1, "index": 0, "keyed": [...], "operator": [...]}    # or "finished": true
+    {"format_version": 2, "handle": "keyed", "key_groups": [0, 63], "offsets": [...], "stream": {...},
+     "deltas": [...]}
+    {"format_version": 2, "index": 0, "keyed": [...], "operator": [...]}    # or "finished": true
+
+Version 2 (``_metadata`` version 2) adds ``written_by`` to shared stream handles and ``deltas`` to keyed
+handles; forms of version 1 are still read (a version-1 form has neither, so no incremental handle).
 
 ``format_version`` is the ``_metadata`` format version whose layout the form follows; it is popped
 and dispatched per version like ``_metadata``'s, so a coordinator reads the forms of workers that
@@ -43,13 +47,8 @@ from collections.abc import Callable
 from typing import Any, TypeAlias, TypeVar, overload
 
 from keystate.storage.errors import MetadataError, UnsupportedMetadataVersionError
-from keystate.storage.format._metadata_v1 import (
-    HANDLE_KINDS,
-    dump_handle_v1,
-    dump_subtask_v1,
-    parse_handle_v1,
-    parse_subtask_v1,
-)
+from keystate.storage.format._metadata_v1 import HANDLE_KINDS, parse_handle_v1, parse_subtask_v1
+from keystate.storage.format._metadata_v2 import dump_handle_v2, dump_subtask_v2, parse_handle_v2, parse_subtask_v2
 from keystate.storage.format.metadata import KeyedStateHandle, OperatorStateHandle, StreamHandle, SubtaskState
 
 __all__ = [
@@ -66,11 +65,17 @@ StateHandle: TypeAlias = StreamHandle | KeyedStateHandle | OperatorStateHandle
 
 H = TypeVar("H", StreamHandle, KeyedStateHandle, OperatorStateHandle)
 
-_HANDLE_PARSERS: dict[int, Callable[[dict[str, Any], str, tuple[str, ...]], StateHandle]] = {1: parse_handle_v1}
-_SUBTASK_PARSERS: dict[int, Callable[[dict[str, Any], str], SubtaskState]] = {1: parse_subtask_v1}
+_HANDLE_PARSERS: dict[int, Callable[[dict[str, Any], str, tuple[str, ...]], StateHandle]] = {
+    1: parse_handle_v1,
+    2: parse_handle_v2,
+}
+_SUBTASK_PARSERS: dict[int, Callable[[dict[str, Any], str], SubtaskState]] = {
+    1: parse_subtask_v1,
+    2: parse_subtask_v2,
+}
 SUPPORTED_TRANSFER_VERSIONS = tuple(sorted(_HANDLE_PARSERS))
 """The ``format_version`` values the ``*_from_json`` functions read; ``*_to_json`` write the newest."""
-_NEWEST = 1  # what dump_handle_v1 and dump_subtask_v1 write: a version 2 replaces all three together
+_NEWEST = 2  # what dump_handle_v2 and dump_subtask_v2 write: a version 3 replaces all three together
 
 
 def _open_form(obj: object, what: str, where: str, supported: dict[int, Any]) -> tuple[dict[str, Any], Any]:
@@ -101,8 +106,9 @@ def handle_to_json(handle: StateHandle) -> dict[str, Any]:
 
     Raises:
         TypeError: ``handle`` is not one of the three handle classes.
+        MetadataError: a shared stream in it has no ``written_by`` (version 2 requires it).
     """
-    return {"format_version": _NEWEST, **dump_handle_v1(handle)}
+    return {"format_version": _NEWEST, **dump_handle_v2(handle)}
 
 
 @overload
@@ -148,7 +154,7 @@ def subtask_state_to_json(state: SubtaskState) -> dict[str, Any]:
         A dict of only ``str``, ``int``, ``bool``, ``None``, ``list`` and ``dict``;
         :func:`subtask_state_from_json` turns it back into an equal :class:`SubtaskState`.
     """
-    return {"format_version": _NEWEST, **dump_subtask_v1(state)}
+    return {"format_version": _NEWEST, **dump_subtask_v2(state)}
 
 
 def subtask_state_from_json(obj: object, *, where: str = "subtask state") -> SubtaskState:

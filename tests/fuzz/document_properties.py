@@ -9,6 +9,7 @@ import posixpath
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import strategies as st
 
 from keystate.runtime.restore_rules import check_restore
@@ -26,6 +27,7 @@ from keystate.storage import (
 )
 from keystate.storage.base import join_key, validate_key
 from keystate.storage.format import dump_metadata, parse_metadata
+from keystate.storage.format._metadata_v1 import dump_v1
 from keystate.tools.render import render_graph, render_operator, render_report, render_summary
 from keystate.tools.summary import summarize
 from tests.fuzz import samples
@@ -117,11 +119,21 @@ def _check_handle_path(checkpoint: CompletedCheckpoint, handle: StreamHandle) ->
 
 
 def check_accepted_metadata(m: CheckpointMetadata) -> None:
-    """Accepted metadata round-trips, keeps its paths inside the checkpoint, and every tool can show it."""
-    data = dump_metadata(m)
+    """Accepted metadata round-trips, keeps its paths inside the checkpoint, and every tool can show it.
+
+    Version 2 is written, except for what only version 1 can hold (a shared file of unknown writer): version 2
+    refuses to write it, and version 1 round-trips it."""
+    if any(h.scope is HandleScope.SHARED and h.written_by is None for h in m.handles()):
+        with pytest.raises(MetadataError, match="written_by"):
+            dump_metadata(m)
+        dump: Callable[[CheckpointMetadata], bytes] = dump_v1
+    else:
+        dump = dump_metadata
+    data = dump(m)
     again = parse_metadata(data, WHERE)
     assert again == m
-    assert dump_metadata(again) == data
+    assert dump(again) == data
+    assert m.incremental_state_bytes <= m.full_state_bytes
     checkpoint = CompletedCheckpoint(CheckpointStorage(MemoryObjectStore("fuzz"), "root"), _checkpoint_directory(m), m)
     for handle in m.handles():
         _check_handle_path(checkpoint, handle)
@@ -148,13 +160,14 @@ def _golden_docs() -> list[Any]:
 
 
 def metadata_arbitrary_bytes(ctx: FuzzContext) -> st.SearchStrategy[bytes]:
-    return st.one_of(st.binary(max_size=300), st.binary(max_size=64).map(lambda b: b'{"format_version":1,' + b))
+    prefix = st.sampled_from([b'{"format_version":1,', b'{"format_version":2,'])
+    return st.one_of(st.binary(max_size=300), st.tuples(prefix, st.binary(max_size=64)).map(b"".join))
 
 
 def metadata_arbitrary_json(ctx: FuzzContext) -> st.SearchStrategy[bytes]:
     top = st.dictionaries(
         st.sampled_from(["format_version", "checkpoint_id", "job_id", "kind", "timestamp", "properties",
-                         "operators", "x"]),
+                         "operators", "statistics", "x"]),
         json_values(nan=True),
     )  # fmt: skip
     return st.one_of(json_values(nan=True), top).flatmap(encoded_document)

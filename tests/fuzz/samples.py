@@ -90,8 +90,8 @@ DESIGN_TOPOLOGY = b"""{"format_version": 1,
 
 
 def golden_documents() -> dict[str, bytes]:
-    """The version-1 golden ``_metadata`` files (checkpoint and savepoint)."""
-    return {p.stem: p.read_bytes() for p in sorted(GOLDEN_DIR.glob("metadata_v1_*.json"))}
+    """The golden ``_metadata`` files of every version (checkpoint and savepoint)."""
+    return {p.stem: p.read_bytes() for p in sorted(GOLDEN_DIR.glob("metadata_v*_*.json"))}
 
 
 # --- state files ------------------------------------------------------------------------------------------

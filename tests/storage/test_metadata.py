@@ -1,5 +1,9 @@
 """``_metadata`` format version 1: golden files pin the bytes; the model's invariants and derived values.
 
+Version 1 stays readable (and ``dump_v1`` still writes it byte for byte); new checkpoints are written as
+version 2, whose samples are built here too (``incremental_metadata``, ``savepoint_v2_metadata``) and whose
+tests are in ``test_metadata_v2.py``.
+
 Regenerate the golden files after an intended format change with ``KEYSTATE_REGEN_GOLDEN=1``; the run
 that rewrites a file still fails, so a changed format is never accepted silently.
 """
@@ -18,6 +22,7 @@ from keystate.storage import (
     CheckpointKind,
     CheckpointMetadata,
     CheckpointProperties,
+    CheckpointStatistics,
     Compression,
     DistributionMode,
     HandleScope,
@@ -28,6 +33,7 @@ from keystate.storage import (
     OperatorState,
     OperatorStateEntry,
     OperatorStateHandle,
+    OperatorStatistics,
     OperatorStatus,
     Partitioning,
     StateFileWriter,
@@ -37,6 +43,7 @@ from keystate.storage import (
     UnsupportedFormatVersionError,
 )
 from keystate.storage.format import dump_metadata, parse_metadata
+from keystate.storage.format._metadata_v1 import dump_v1
 from keystate.storage.format.statefile import (
     format_checksum,
 )
@@ -169,10 +176,94 @@ def savepoint_metadata() -> CheckpointMetadata:
     )
 
 
+# --- version 2: the same checkpoint, incremental, with statistics -------------------------------------
+
+BASE_WRITTEN_BY = 40
+"""The sample's incremental handle: a base written by checkpoint 40, deltas by 41 and 42 (this checkpoint)."""
+
+
+def shared_stream(path: str, size: int, raw_size: int, written_by: int) -> StreamHandle:
+    checksum = format_checksum(xxhash.xxh3_64_intdigest(path.encode()))
+    return StreamHandle(
+        HandleScope.SHARED, size, raw_size, checksum, Compression.ZSTD, path=path, written_by=written_by
+    )
+
+
+def incremental_operators() -> tuple[OperatorState, ...]:
+    """Version 1's sample operators, made incremental: totals subtask 1's shared handle is a base with two
+    deltas, audit's subtask 0 a base this checkpoint just wrote (a materialization), and statistics."""
+    source, orders, totals, audit, sink = checkpoint_operators()
+    base = totals.subtasks[1].keyed[0]
+    deltas = (
+        KeyedStateHandle(base.key_groups, (8, 60), shared_stream("totals/1/delta-77e1c0ffee000002.ksf", 120, 260, 41)),
+        KeyedStateHandle(base.key_groups, (8, 8), shared_stream("totals/1/delta-77e1c0ffee000003.ksf", 90, 150, 42)),
+    )
+    incremental = KeyedStateHandle(
+        base.key_groups,
+        base.offsets,
+        shared_stream(str(base.stream.path), base.stream.size, base.stream.raw_size, BASE_WRITTEN_BY),
+        deltas,
+    )
+    subtasks = list(totals.subtasks)
+    subtasks[1] = SubtaskState(1, keyed=(incremental,), operator=subtasks[1].operator)
+    materialized = shared_stream("audit/0/keyed-aa00bb11cc22dd33.ksf", 700, 2100, 42)
+    return (
+        source,
+        OperatorState(
+            orders.uid, orders.parallelism, orders.max_parallelism, orders.inputs, subtasks=orders.subtasks,
+            statistics=OperatorStatistics(3, 41, 0, 2),
+        ),
+        OperatorState(
+            totals.uid, totals.parallelism, totals.max_parallelism, totals.inputs, subtasks=tuple(subtasks),
+            statistics=OperatorStatistics(5, 130, 17, 4),
+        ),
+        OperatorState(
+            audit.uid, audit.parallelism, audit.max_parallelism, audit.inputs,
+            subtasks=(SubtaskState(0, keyed=(KeyedStateHandle(KeyGroupRange(0, 1), (8, 300), materialized),)),),
+            statistics=OperatorStatistics(1, 60, 2, 2),
+        ),
+        sink,  # no statistics recorded: "statistics": null
+    )  # fmt: skip
+
+
+def incremental_metadata() -> CheckpointMetadata:
+    return CheckpointMetadata(
+        42,
+        JOB,
+        CheckpointKind.CHECKPOINT,
+        1_700_000_000_000,
+        incremental_operators(),
+        statistics=CheckpointStatistics(250),
+    )
+
+
+def savepoint_v2_metadata() -> CheckpointMetadata:
+    sp = savepoint_metadata()
+    source, totals = sp.operators
+    totals = OperatorState(
+        totals.uid,
+        totals.parallelism,
+        totals.max_parallelism,
+        totals.inputs,
+        subtasks=totals.subtasks,
+        statistics=OperatorStatistics(2, 75, 0, 2),
+    )
+    return CheckpointMetadata(
+        sp.checkpoint_id,
+        sp.job_id,
+        sp.kind,
+        sp.timestamp,
+        (source, totals),
+        sp.properties,
+        CheckpointStatistics(90),
+    )
+
+
 SAMPLES: dict[str, Callable[[], CheckpointMetadata]] = {
     "metadata_v1_checkpoint.json": checkpoint_metadata,
     "metadata_v1_savepoint.json": savepoint_metadata,
 }
+"""Version-1 golden files: read by ``parse_metadata``, written by ``dump_v1``."""
 
 
 def golden_bytes(name: str) -> bytes:
@@ -184,7 +275,7 @@ def golden_bytes(name: str) -> bytes:
 
 @pytest.mark.parametrize("name", list(SAMPLES))
 def test_serialization_matches_the_golden_file_byte_for_byte(name: str) -> None:
-    actual = dump_metadata(SAMPLES[name]())
+    actual = dump_v1(SAMPLES[name]())
     path = GOLDEN / name
     if os.environ.get("KEYSTATE_REGEN_GOLDEN") == "1" and (not path.exists() or path.read_bytes() != actual):
         path.write_bytes(actual)
@@ -197,7 +288,10 @@ def test_golden_file_parses_back_to_an_equal_object(name: str) -> None:
     data = golden_bytes(name)
     parsed = parse_metadata(data, WHERE)
     assert parsed == SAMPLES[name]()
-    assert dump_metadata(parsed) == data
+    assert dump_v1(parsed) == data
+    assert not parsed.is_incremental
+    assert parsed.statistics is None
+    assert all(op.statistics is None for op in parsed.operators)
 
 
 def test_golden_files_hold_what_the_format_promises() -> None:
@@ -274,7 +368,7 @@ def test_float_overflow_is_not_an_integer() -> None:
         parse_metadata(data, WHERE)
 
 
-@pytest.mark.parametrize("version", [2, 0, -1, 99, "1", True, False, None, 1.0, [1], {"v": 1}])
+@pytest.mark.parametrize("version", [3, 0, -1, 99, "1", "2", True, False, None, 1.0, 2.0, [1], {"v": 1}])
 def test_unsupported_format_version(version: object) -> None:
     doc = json.loads(golden_bytes("metadata_v1_checkpoint.json"))
     doc["format_version"] = version
@@ -282,7 +376,7 @@ def test_unsupported_format_version(version: object) -> None:
         parse_metadata(json.dumps(doc).encode(), WHERE)
     assert "format_version" in str(info.value)
     assert info.value.found == version
-    assert info.value.supported == (1,)
+    assert info.value.supported == (1, 2)
     assert info.value.where == WHERE
 
 
@@ -350,7 +444,7 @@ def test_topology_at_checkpoint_time() -> None:
 
 
 def test_a_finished_operator_status_survives_serialization() -> None:
-    parsed = parse_metadata(dump_metadata(checkpoint_metadata()), WHERE)
+    parsed = parse_metadata(dump_metadata(incremental_metadata()), WHERE)
     assert {op.uid: op.status.value for op in parsed.operators} == {
         "source": "fully_finished",
         "orders": "partially_finished",

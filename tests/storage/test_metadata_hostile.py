@@ -1,7 +1,8 @@
 """Hostile ``_metadata`` documents: every field missing, mistyped or extra, bad paths, broken invariants.
 
 Each case expects one typed error whose message names the offending field (or the invariant), so a
-user can find the broken spot in the file. The documents are mutations of the golden sample.
+user can find the broken spot in the file. The documents are mutations of the version-2 golden sample (an
+incremental checkpoint: every version-1 field plus ``written_by``, ``deltas`` and ``statistics``).
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import pytest
 
 from keystate.storage import CheckpointMetadata, MetadataError, UnsafePathError
 from keystate.storage.format import dump_metadata, parse_metadata
-from tests.storage.test_metadata import WHERE, checkpoint_metadata, savepoint_metadata
+from tests.storage.test_metadata import WHERE, incremental_metadata, savepoint_v2_metadata
 
 Doc = dict[str, Any]
 JsonPath = tuple[str | int, ...]
 
 
 def sample_doc() -> Doc:
-    doc: Doc = json.loads(dump_metadata(checkpoint_metadata()))
+    doc: Doc = json.loads(dump_metadata(incremental_metadata()))
     return doc
 
 
@@ -84,6 +85,12 @@ def test_the_walk_reaches_every_level() -> None:
         "operators[1].subtasks[1].operator[0].states[1].serializer",
         "operators[2].subtasks[0].keyed[0].stream.path",
         "operators[2].subtasks[2].keyed[0].stream.data",
+        "operators[2].subtasks[1].keyed[0].stream.written_by",
+        "operators[2].subtasks[1].keyed[0].deltas[1].stream.written_by",
+        "operators[2].subtasks[1].keyed[0].deltas[0].offsets",
+        "operators[2].statistics.acknowledged_subtasks",
+        "operators[4].statistics",
+        "statistics.duration_ms",
     ):
         assert expected in shown
     assert len(FIELDS) > 100
@@ -224,6 +231,8 @@ def test_unsafe_handle_paths(path: str, scope: str) -> None:
     stream = at(doc, EXCLUSIVE)
     stream["scope"] = scope
     stream["path"] = path
+    if scope == "shared":
+        stream["written_by"] = 41  # required for a shared file in version 2
     with pytest.raises(UnsafePathError, match="field 'path'"):
         parse(doc)
 
@@ -349,7 +358,7 @@ def test_properties() -> None:
 
 
 def test_a_savepoint_may_be_synchronous_with_or_without_drain() -> None:
-    doc = json.loads(dump_metadata(savepoint_metadata()))
+    doc = json.loads(dump_metadata(savepoint_v2_metadata()))
     doc["properties"]["drain"] = False
     assert parse(doc).properties.synchronous
     doc["properties"]["synchronous"] = False
@@ -381,7 +390,7 @@ def test_huge_values_are_refused_without_echoing_them_whole() -> None:
 
 def test_valid_mutations_are_accepted() -> None:
     """The mutation helpers themselves are sound: an untouched document and a legal change both parse."""
-    assert parse(sample_doc()) == checkpoint_metadata()
+    assert parse(sample_doc()) == incremental_metadata()
     doc = sample_doc()
     at(doc, EXCLUSIVE)["path"] = "a/b_c.d=e+f~g-h/KEYED.ksf"
     assert parse(doc).operator("totals") is not None

@@ -3,7 +3,8 @@
 A form is the object ``_metadata`` holds at that place plus ``format_version`` (and ``handle`` for a
 handle), parsed by the same per-field parsers: these tests pin that the layouts agree, that a form
 survives ``json.dumps`` / ``json.loads`` and holds only JSON types, and that bad input fails with a
-``MetadataError`` that names the field.
+``MetadataError`` that names the field. Forms are written in version 2 (``written_by``, ``deltas``); forms of
+version 1, from a worker running an older keystate, are still read.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from keystate.storage import (
     subtask_state_to_json,
 )
 from keystate.storage.format import SUPPORTED_TRANSFER_VERSIONS, dump_metadata
-from tests.storage.test_metadata import checkpoint_metadata, savepoint_metadata
+from keystate.storage.format._metadata_v1 import dump_handle_v1, dump_subtask_v1
+from tests.storage.test_metadata import checkpoint_metadata, incremental_metadata, savepoint_v2_metadata
 
 PUBLIC = ["StateHandle", "handle_from_json", "handle_to_json", "subtask_state_from_json", "subtask_state_to_json"]
 
 
 def all_subtasks() -> list[SubtaskState]:
-    return [st for m in (checkpoint_metadata(), savepoint_metadata()) for op in m.operators for st in op.subtasks]
+    return [st for m in (incremental_metadata(), savepoint_v2_metadata()) for op in m.operators for st in op.subtasks]
 
 
 def all_handles() -> list[StateHandle]:
@@ -94,6 +96,35 @@ def test_the_samples_cover_every_kind_of_handle() -> None:
     scopes = {h.scope for h in handles if isinstance(h, StreamHandle)}
     assert {s.value for s in scopes} == {"inline", "exclusive", "shared"}
     assert any(st.finished for st in all_subtasks())
+    assert any(isinstance(h, KeyedStateHandle) and h.deltas for h in handles)
+
+
+def test_version_2_forms_carry_written_by_and_deltas() -> None:
+    incremental = next(h for h in all_handles() if isinstance(h, KeyedStateHandle) and h.deltas)
+    form = handle_to_json(incremental)
+    assert SUPPORTED_TRANSFER_VERSIONS == (1, 2)
+    assert form["format_version"] == 2
+    assert form["stream"]["written_by"] == incremental.stream.written_by
+    assert [d["stream"]["written_by"] for d in form["deltas"]] == [d.stream.written_by for d in incremental.deltas]
+    assert handle_from_json(shipped(form), KeyedStateHandle) == incremental
+    with pytest.raises(MetadataError, match=r"^worker 2: delta 1 of keyed handle .* by checkpoint 41, not after 41"):
+        handle_from_json(mutate(form, "deltas.1.stream.written_by", 41), where="worker 2")
+    stream_form = handle_to_json(incremental.deltas[0].stream)
+    del stream_form["written_by"]
+    with pytest.raises(MetadataError, match=r"required field 'written_by' is missing"):
+        handle_from_json(stream_form)
+
+
+def test_version_1_forms_are_still_read() -> None:
+    """A worker running an older keystate ships version-1 forms: no written_by, no deltas."""
+    for st in (st for op in checkpoint_metadata().operators for st in op.subtasks):
+        form = {"format_version": 1, **dump_subtask_v1(st)}
+        assert subtask_state_from_json(shipped(form)) == st
+        for k in st.keyed:
+            assert handle_from_json(shipped({"format_version": 1, **dump_handle_v1(k)})) == k
+    v2_form = handle_to_json(next(h for h in all_handles() if isinstance(h, KeyedStateHandle) and h.deltas))
+    with pytest.raises(MetadataError, match=r"unknown field 'deltas'"):
+        handle_from_json(dict(v2_form, format_version=1))
 
 
 # --- round trips --------------------------------------------------------------------------------------
@@ -118,21 +149,21 @@ def test_subtask_states_round_trip_through_json_text() -> None:
 def test_forms_have_the_layout_of_metadata() -> None:
     """A subtask form is its ``_metadata`` entry plus ``format_version``; a keyed or operator handle form is
     its entry plus ``format_version`` and ``handle``; one layout, one parser."""
-    metadata = checkpoint_metadata()
+    metadata = incremental_metadata()
     doc = json.loads(dump_metadata(metadata))
     for op, op_doc in zip(metadata.operators, doc["operators"], strict=True):
         for st, st_doc in zip(op.subtasks, op_doc["subtasks"], strict=True):
-            assert subtask_state_to_json(st) == {"format_version": 1, **st_doc}
+            assert subtask_state_to_json(st) == {"format_version": 2, **st_doc}
             for k, k_doc in zip(st.keyed, st_doc.get("keyed", []), strict=True):
-                assert handle_to_json(k) == {"format_version": 1, "handle": "keyed", **k_doc}
-                assert handle_to_json(k.stream) == {"format_version": 1, "handle": "stream", **k_doc["stream"]}
+                assert handle_to_json(k) == {"format_version": 2, "handle": "keyed", **k_doc}
+                assert handle_to_json(k.stream) == {"format_version": 2, "handle": "stream", **k_doc["stream"]}
             for o, o_doc in zip(st.operator, st_doc.get("operator", []), strict=True):
-                assert handle_to_json(o) == {"format_version": 1, "handle": "operator", **o_doc}
+                assert handle_to_json(o) == {"format_version": 2, "handle": "operator", **o_doc}
 
 
 def test_coordinator_builds_metadata_that_commits_the_same_bytes() -> None:
     """Subtask states shipped as JSON rebuild metadata byte-identical to the original."""
-    metadata = checkpoint_metadata()
+    metadata = incremental_metadata()
     rebuilt = CheckpointMetadata(
         metadata.checkpoint_id,
         metadata.job_id,
@@ -146,10 +177,12 @@ def test_coordinator_builds_metadata_that_commits_the_same_bytes() -> None:
                 op.inputs,
                 op.fully_finished,
                 tuple(subtask_state_from_json(shipped(subtask_state_to_json(st))) for st in op.subtasks),
+                op.statistics,
             )
             for op in metadata.operators
         ),
         metadata.properties,
+        metadata.statistics,
     )
     assert dump_metadata(rebuilt) == dump_metadata(metadata)
 
@@ -182,7 +215,7 @@ def test_format_version_is_required() -> None:
         handle_from_json(form)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, "1", True, None, 1.0])
+@pytest.mark.parametrize("version", [0, 3, 99, "1", "2", True, None, 1.0, 2.0])
 def test_unknown_or_newer_versions_are_rejected(version: object) -> None:
     for form, parse in (
         (keyed_form(), handle_from_json),
