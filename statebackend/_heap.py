@@ -47,6 +47,13 @@ class _HeapSnapshot(KVSnapshot):
                 for start in range(0, len(keys), size):
                     yield kg, keys[start : start + size], values[start : start + size]
 
+    def lookup(self, keys: list[bytes]) -> list[bytes | None]:
+        maps = self._maps
+        if maps is None:
+            raise RuntimeError("snapshot already released")
+        empty: dict[bytes, bytes] = {}
+        return [maps.get((k[0] << 8) | k[1], empty).get(k) for k in keys]
+
     def release(self) -> None:
         self._maps = None
 
@@ -80,16 +87,23 @@ class HeapKV(KVStore):
         if m is None or kg in self._shared:
             m = self._writable(kg)
         m[key] = value
+        changes = self.changes
+        if changes is not None:
+            changes.add(key)
 
     def delete(self, key: bytes) -> None:
         kg = _kg(key)
         m = self._maps.get(kg)
         if m is not None and key in m:
             del self._writable(kg)[key]
+            if self.changes is not None:
+                self.changes.add(key)
 
     def append(self, key: bytes, data: bytes) -> None:
         m = self._writable(_kg(key))
         m[key] = m.get(key, b"") + data
+        if self.changes is not None:
+            self.changes.add(key)
 
     def scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         m = self._maps.get(_kg(prefix))
@@ -107,6 +121,8 @@ class HeapKV(KVStore):
             m = self._writable(kg)
             for k in doomed:
                 del m[k]
+            if self.changes is not None:
+                self.changes.update(doomed)
         return len(doomed)
 
     def snapshot(self) -> KVSnapshot:
@@ -123,3 +139,4 @@ class HeapKV(KVStore):
     def close(self) -> None:
         self._maps = {}
         self._shared = set()
+        self.changes = None

@@ -8,12 +8,12 @@ interface in ``keystate.statebackend._states``; the engines only store bytes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from itertools import islice
 
 from keystate.storage.format.keygroups import KeyGroupRange
 
-__all__ = ["CHUNK_ENTRIES", "Chunk", "Columns", "KVSnapshot", "KVStore"]
+__all__ = ["CHUNK_ENTRIES", "Chunk", "Columns", "KVSnapshot", "KVStore", "sorted_in_slices"]
 
 Chunk = list[tuple[bytes, bytes]]
 """Restored entries, all of one key group."""
@@ -22,6 +22,21 @@ Columns = tuple[list[bytes], list[bytes]]
 CHUNK_ENTRIES = 4096
 """Entries per chunk in snapshots and restores: large enough that per-chunk work vanishes, small
 enough that a chunk of small entries stays well under a block."""
+_SORT_SLICE = 8192
+"""Keys sorted by one ``sorted()`` call in :func:`sorted_in_slices` (a millisecond or two)."""
+
+
+def sorted_in_slices(keys: Collection[bytes]) -> list[bytes]:
+    """``sorted(keys)`` for background threads, in C calls that each hold the GIL briefly: slices of
+    :data:`_SORT_SLICE` keys are sorted, then merged pairwise (timsort merges two sorted runs in one pass).
+    One ``sorted()`` of 100,000 keys holds the GIL for 30-60 ms, which stalls the event loop for as long."""
+    if len(keys) <= _SORT_SLICE:
+        return sorted(keys)
+    items = list(keys)
+    runs = [sorted(items[i : i + _SORT_SLICE]) for i in range(0, len(items), _SORT_SLICE)]
+    while len(runs) > 1:
+        runs = [sorted(runs[i] + runs[i + 1]) if i + 1 < len(runs) else runs[i] for i in range(0, len(runs), 2)]
+    return runs[0]
 
 
 class KVSnapshot(ABC):
@@ -44,13 +59,39 @@ class KVSnapshot(ABC):
             while chunk := list(islice(entries, size)):
                 yield kg, [k for k, _ in chunk], [v for _, v in chunk]
 
+    def lookup(self, keys: list[bytes]) -> list[bytes | None]:
+        """The values of ``keys`` (sorted) in this view; ``None`` where a key has none. Engines override
+        this with point reads; this one reads the key groups of the keys."""
+        found: dict[bytes, bytes] = {}
+        for kg in sorted({(k[0] << 8) | k[1] for k in keys}):
+            found.update(self.iter_key_group(kg))
+        return [found.get(k) for k in keys]
+
     @abstractmethod
     def release(self) -> None:
         """Free the view (idempotent)."""
 
 
 class KVStore(ABC):
-    """Byte keys to byte values, sorted. Used by a single thread, except snapshots."""
+    """Byte keys to byte values, sorted. Used by a single thread, except snapshots.
+
+    Change tracking (for incremental snapshots): once :meth:`take_changes` was called, every key an engine
+    puts, deletes or appends to is added to :attr:`changes` (restores are not changes).
+    """
+
+    changes: set[bytes] | None = None
+    """The keys changed since the last :meth:`take_changes`; ``None`` while not tracking."""
+
+    def take_changes(self) -> set[bytes]:
+        """The keys changed since the previous call, and a fresh set for the next ones: O(1). The first
+        call starts tracking (and returns an empty set)."""
+        taken = self.changes
+        self.changes = set()
+        return set() if taken is None else taken
+
+    def stop_tracking(self) -> None:
+        """Stop recording changed keys (and forget the recorded ones)."""
+        self.changes = None
 
     @abstractmethod
     def get(self, key: bytes) -> bytes | None: ...

@@ -1,268 +1,55 @@
 """The LMDB engine: a sorted write-back buffer in front of an LMDB environment.
 
 Writes go to an in-memory buffer (read-your-own-writes: reads look in the buffer first). When the
-buffer passes its bound it is frozen and flushed into LMDB in one write transaction, in key order:
-random puts into LMDB's B+tree run about 12x slower than sorted ones, so sorting first is what makes
-this engine faster than py-lmdb used directly. LMDB runs with ``sync=False``: durability comes from
-checkpoints, not from the local store.
+buffer passes its bound it is frozen and handed to the flusher (``_lmdb_flush``), a worker thread that
+writes it into LMDB in one write transaction, as sorted runs of a few thousand keys (runs put about as
+fast as one sorted list and need no long merge). The task thread never waits for a flush (unless the
+flusher falls several layers behind, or :meth:`LmdbKV.flush` is called); a frozen layer stays readable
+in memory until the task's read transaction sees it in LMDB. LMDB runs with ``sync=False``: durability
+comes from checkpoints, not from the local store.
 
 Snapshots are O(1) on the task thread: the active buffer is frozen (never mutated again), a read
 transaction is opened (LMDB's MVCC keeps that view stable), and the snapshot reads the frozen
-buffers on top of the transaction from any thread while processing continues. Frozen buffers are
-flushed later by the task thread; only the task thread writes to LMDB, so LMDB's single-writer rule
-holds without locks on the hot path.
+buffers it does not see in LMDB on top of the transaction, from any thread, while processing continues
+(``_lmdb_snapshot``).
 
-The map size grows on demand: when a flush finds the map full and no snapshot holds a read
-transaction, the map size doubles (py-lmdb invalidates open transactions on resize, so growth is
-deferred, never waited for, until no snapshot is open; until then the frozen buffers stay in memory
-and reads remain correct).
+The map size grows on demand: when the flusher finds the map full and no snapshot holds a read
+transaction, the task thread doubles the map size on its next call (py-lmdb invalidates open
+transactions on resize, so growth is deferred, never waited for, until no snapshot is open; until then
+the frozen buffers stay in memory and reads remain correct). A failed write keeps its layer buffered
+and readable; its typed error is raised to the task on its next call.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
-import struct
 import threading
-from collections.abc import Iterable, Iterator
-from itertools import islice
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from keystate.statebackend._kv import CHUNK_ENTRIES, Chunk, Columns, KVSnapshot, KVStore
+from keystate.statebackend._kv import Chunk, KVSnapshot, KVStore
 from keystate.statebackend._lmdb_env import MAX_READERS, DirectoryLock, lmdb_error
+from keystate.statebackend._lmdb_flush import Flusher
+from keystate.statebackend._lmdb_layers import MISSING, Append, Buffer, Layer, merged, prefix_end
+from keystate.statebackend._lmdb_snapshot import LmdbSnapshot
 from keystate.statebackend.errors import LmdbError, LmdbMapFullError, StateError
-from keystate.storage.format.keygroups import KeyGroupRange
 
-__all__ = ["LMDB_LAYOUT_VERSION", "LmdbKV"]
+__all__ = ["LMDB_LAYOUT_VERSION", "LmdbKV", "prefix_end"]
 
 log = logging.getLogger(__name__)
 
 LMDB_LAYOUT_VERSION = b"1"
-_KG = struct.Struct(">H")
 _LOAD_BATCH = 50_000
 """Restored entries per LMDB write transaction."""
-_MISSING: Any = object()
-
-
-def prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest key greater than every key starting with ``prefix`` (``None``: no such key)."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return None
-    return stripped[:-1] + bytes([stripped[-1] + 1])
-
-
-class _Append:
-    """Pending list-state appends on top of whatever the lower layers hold."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes | bytearray) -> None:
-        self.data = bytearray(data)
-
-
-# A buffer maps a key to: bytes/bytearray (the full value), None (deleted), or _Append.
-Buffer = dict[bytes, Any]
-
-
-def _resolve(layers: Iterable[Buffer], key: bytes, base: Any) -> Any:
-    """Apply the layers (oldest first) for ``key`` on top of ``base`` (bytes, None or _MISSING)."""
-    value = base
-    for layer in layers:
-        v = layer.get(key, _MISSING)
-        if v is _MISSING:
-            continue
-        if v.__class__ is _Append:
-            value = (b"" if value is _MISSING or value is None else bytes(value)) + bytes(v.data)
-        else:
-            value = v
-    return value
-
-
-def _merged(
-    cursor: Any, layers: tuple[Buffer, ...], lo: bytes, hi: bytes | None, keys: list[bytes] | None = None
-) -> Iterator[tuple[bytes, bytes]]:
-    """Entries in ``[lo, hi)`` of LMDB (through ``cursor``) with ``layers`` (oldest first) applied.
-
-    ``keys``, if given, is the sorted union of the layers' keys (a snapshot computes it once instead
-    of once per key group).
-    """
-    if keys is None:
-        overlay = sorted({k for layer in layers for k in layer if k >= lo and (hi is None or k < hi)})
-    else:
-        overlay = keys[bisect.bisect_left(keys, lo) : len(keys) if hi is None else bisect.bisect_left(keys, hi)]
-    stored: Iterator[tuple[bytes, bytes]] = iter(())
-    if cursor.set_range(lo):
-        stored = cursor.iternext()
-    pending = next(stored, None)
-    for key in overlay:
-        while pending is not None and pending[0] < key:
-            if hi is not None and pending[0] >= hi:
-                pending = None
-                break
-            yield pending
-            pending = next(stored, None)
-        base: Any = _MISSING
-        if pending is not None and pending[0] == key:
-            base = pending[1]
-            pending = next(stored, None)
-        value = _resolve(layers, key, base)
-        if value is not _MISSING and value is not None:
-            yield key, bytes(value)
-    while pending is not None and (hi is None or pending[0] < hi):
-        yield pending
-        pending = next(stored, None)
-
-
-def _overlay(ks: list[bytes], vs: list[bytes], layers: tuple[Buffer, ...], keys: list[bytes]) -> Columns:
-    """LMDB's entries ``ks``/``vs`` with ``layers`` applied for ``keys`` (sorted: every key of the layers in
-    the chunk's key range). Few keys: in place, by bisection; many: through a dict and one sort."""
-    if len(keys) * 8 > len(ks):
-        merged = dict(zip(ks, vs, strict=True))
-        for key in keys:
-            value = _resolve(layers, key, merged.get(key, _MISSING))
-            if value is _MISSING or value is None:
-                merged.pop(key, None)
-            else:
-                merged[key] = bytes(value)
-        ks = sorted(merged)
-        return ks, list(map(merged.__getitem__, ks))
-    for key in reversed(keys):  # from the end, so an insertion or deletion moves no position still to visit
-        i = bisect.bisect_left(ks, key)
-        found = i < len(ks) and ks[i] == key
-        value = _resolve(layers, key, vs[i] if found else _MISSING)
-        if value is _MISSING or value is None:
-            if found:
-                del ks[i], vs[i]
-        elif found:
-            vs[i] = bytes(value)
-        else:
-            ks.insert(i, key)
-            vs.insert(i, bytes(value))
-    return ks, vs
-
-
-def _merged_chunks(
-    cursors: tuple[Iterator[bytes], Iterator[bytes]],
-    layers: tuple[Buffer, ...],
-    keys: list[bytes],
-    hi: bytes | None,
-    size: int,
-) -> Iterator[Columns]:
-    """Sorted chunks of LMDB's entries below ``hi`` with ``layers`` applied. ``cursors`` iterate LMDB's
-    keys and values in step (two plain iterators cost less than one of tuples); ``keys`` is the sorted
-    union of the layers' keys in the same range."""
-    key_iter, value_iter = cursors
-    done_keys = 0
-    while True:
-        ks = list(islice(key_iter, size))
-        vs = list(islice(value_iter, size))
-        last = len(ks) < size
-        if hi is not None and ks and ks[-1] >= hi:
-            cut = bisect.bisect_left(ks, hi)
-            del ks[cut:], vs[cut:]
-            last = True
-        upto = len(keys) if last else bisect.bisect_right(keys, ks[-1], done_keys)
-        if upto > done_keys:
-            ks, vs = _overlay(ks, vs, layers, keys[done_keys:upto])
-            done_keys = upto
-        if len(ks) <= size:
-            if ks:
-                yield ks, vs
-        else:  # the layers added entries: keep chunks at most `size` long
-            for start in range(0, len(ks), size):
-                yield ks[start : start + size], vs[start : start + size]
-        if last:
-            return
-
-
-def _split_key_groups(ks: list[bytes], vs: list[bytes]) -> Iterator[tuple[int, list[bytes], list[bytes]]]:
-    """``(key group, keys, values)`` runs of a sorted chunk that may span key groups."""
-    start, n = 0, len(ks)
-    while start < n:
-        first = ks[start]
-        kg = (first[0] << 8) | first[1]
-        end = n if kg == 0xFFFF else bisect.bisect_left(ks, _KG.pack(kg + 1), start)
-        if start == 0 and end == n:
-            yield kg, ks, vs
-        else:
-            yield kg, ks[start:end], vs[start:end]
-        start = end
-
-
-class _LmdbSnapshot(KVSnapshot):
-    def __init__(self, owner: LmdbKV, txn: Any, layers: tuple[Buffer, ...]) -> None:
-        self._owner = owner
-        self._txn: Any = txn
-        self._layers = layers
-        self._keys: list[bytes] | None = None
-        self._lock = threading.Lock()
-
-    def iter_key_group(self, key_group: int) -> Iterator[tuple[bytes, bytes]]:
-        with self._lock:
-            txn = self._txn
-        if txn is None:
-            raise StateError("LMDB snapshot already released")
-        lo = _KG.pack(key_group)
-        hi = _KG.pack(key_group + 1) if key_group < 0xFFFF else None
-        try:
-            cursor = txn.cursor(db=self._owner.db)
-            if not self._layers:
-                if not cursor.set_range(lo):
-                    return
-                for key, value in cursor.iternext():
-                    if hi is not None and key >= hi:
-                        return
-                    yield key, value
-                return
-            if self._keys is None:
-                self._keys = sorted(set().union(*self._layers))  # once per snapshot, in its own thread
-            yield from _merged(cursor, self._layers, lo, hi, self._keys)
-        except lmdb.Error as exc:
-            raise StateError(
-                f"LMDB snapshot of {self._owner.path} cannot be read ({exc}); was the backend closed before "
-                "the snapshot was written?"
-            ) from exc
-
-    def iter_chunks(
-        self, key_groups: KeyGroupRange, size: int = CHUNK_ENTRIES
-    ) -> Iterator[tuple[int, list[bytes], list[bytes]]]:
-        # One pass over the whole range, a chunk at a time: no Python step per entry.
-        with self._lock:
-            txn = self._txn
-        if txn is None:
-            raise StateError("LMDB snapshot already released")
-        lo = _KG.pack(key_groups.start)
-        hi = _KG.pack(key_groups.end + 1) if key_groups.end < 0xFFFF else None
-        try:
-            key_cursor, value_cursor = txn.cursor(db=self._owner.db), txn.cursor(db=self._owner.db)
-            cursors: tuple[Iterator[bytes], Iterator[bytes]] = (iter(()), iter(()))
-            if key_cursor.set_range(lo) and value_cursor.set_range(lo):
-                cursors = key_cursor.iternext(values=False), value_cursor.iternext(keys=False)
-            keys: list[bytes] = []
-            if self._layers:
-                if self._keys is None:
-                    self._keys = sorted(set().union(*self._layers))
-                first = bisect.bisect_left(self._keys, lo)
-                keys = self._keys[first : len(self._keys) if hi is None else bisect.bisect_left(self._keys, hi)]
-            for ks, vs in _merged_chunks(cursors, self._layers, keys, hi, size):
-                yield from _split_key_groups(ks, vs)
-        except lmdb.Error as exc:
-            raise StateError(
-                f"LMDB snapshot of {self._owner.path} cannot be read ({exc}); was the backend closed before "
-                "the snapshot was written?"
-            ) from exc
-
-    def release(self) -> None:
-        with self._lock:
-            txn, self._txn = self._txn, None
-        if txn is not None:
-            txn.abort()
-            self._owner.snapshot_released()
+_MISSING: Any = MISSING
+MAX_PENDING_LAYERS = 3
+"""Frozen layers the flusher may have queued before the task thread waits for it (memory bound)."""
+_SCAN_FREEZE = 4096
+"""A scan freezes an active layer larger than this, so the next scans find it sorted by the flusher."""
 
 
 class LmdbKV(KVStore):
@@ -272,7 +59,7 @@ class LmdbKV(KVStore):
         path: a directory for the environment (created; should be empty or a previous environment).
             It is locked for this store's lifetime (``keystate.lock`` in it): one store per directory.
         map_size: the initial map size in bytes; it doubles on demand.
-        buffer_entries: flush the buffer when it holds this many keys.
+        buffer_entries: freeze the buffer (and have it flushed) when it holds this many keys.
         buffer_bytes: or when its keys and values add up to this many bytes.
         writemap: LMDB ``MDB_WRITEMAP`` (faster random writes, data file sized to the map).
         owner: who holds the directory, for the message another opener gets (``"operator 'x' subtask 0"``).
@@ -336,14 +123,25 @@ class LmdbKV(KVStore):
         self._max_bytes = buffer_bytes
         self._active: Buffer = {}
         self._active_bytes = 0
-        self._frozen: list[Buffer] = []
+        self._frozen: list[Layer] = []
+        """Frozen layers the task's read transaction does not see in LMDB (oldest first)."""
         self._flush_due = False
+        """Set (from any thread) when the task thread has something to do on its next write: the flusher
+        wrote or failed, or a snapshot was released while the map waits to grow."""
         self._reader: Any = None
+        self._reader_id = -1
         self._lock = threading.Condition()
         self._snapshots_open = 0
         self._closed = False
         self._broken: str | None = None
         """Why the environment cannot be used any more (py-lmdb invalidates it when a resize fails)."""
+        self._flusher = Flusher(
+            env,
+            self.db,
+            f"keystate-lmdb-flush-{self._path.name[-24:]}",
+            self._flusher_done,
+            lambda exc: self._error(exc, "write to the LMDB environment in"),
+        )
 
     @property
     def path(self) -> Path:
@@ -363,13 +161,22 @@ class LmdbKV(KVStore):
         return value
 
     def _begin_read(self) -> Any:
-        """The task thread's read transaction, opened again after each flush."""
+        """The task thread's read transaction, opened again once the flusher wrote a layer. The frozen
+        layers it sees in LMDB are dropped (applying them again would double their appends)."""
         self._check_open()
         try:
-            self._reader = self._env.begin(db=self.db)
+            reader = self._env.begin(db=self.db)
         except lmdb.Error as exc:
             raise self._error(exc, "read from the LMDB environment in") from exc
-        return self._reader
+        self._reader, self._reader_id = reader, reader.id()
+        frozen = self._frozen
+        seen = 0
+        while seen < len(frozen) and frozen[seen].visible_in(self._reader_id):
+            seen += 1
+        if seen:
+            del frozen[:seen]
+            self._left_over = 0
+        return reader
 
     def _check_open(self) -> None:
         if self._closed or self._broken:
@@ -405,25 +212,30 @@ class LmdbKV(KVStore):
             stored: bytes | None = reader.get(key)
             return stored
         base = self._lower(key)
-        if cls is _Append:
+        if cls is Append:
             return (base or b"") + bytes(v.data)
         return base
 
     def _lower(self, key: bytes) -> bytes | None:
         """The value below the active buffer: frozen buffers (newest first) over LMDB."""
+        if self._flush_due and self._frozen:
+            self._drop_reader()  # the flusher wrote a layer: a new reader lets us drop it
+        reader = self._reader
+        if reader is None:
+            reader = self._begin_read()  # first: it decides which frozen layers are still to be applied
         suffixes: list[bytearray] = []
         base: Any = _MISSING
         for layer in reversed(self._frozen):
-            v = layer.get(key, _MISSING)
+            v = layer.data.get(key, _MISSING)
             if v is _MISSING:
                 continue
-            if v.__class__ is _Append:
+            if v.__class__ is Append:
                 suffixes.append(v.data)
                 continue
             base = v
             break
         if base is _MISSING:
-            base = self._read(key)
+            base = reader.get(key)
         if not suffixes:
             return None if base is None else bytes(base)
         return (b"" if base is None else bytes(base)) + b"".join(reversed(suffixes))
@@ -433,19 +245,24 @@ class LmdbKV(KVStore):
     def put(self, key: bytes, value: bytes) -> None:
         self._active[key] = value
         self._active_bytes += len(key) + len(value)
+        changes = self.changes
+        if changes is not None:
+            changes.add(key)
         if self._flush_due or len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
-            self.flush()
+            self._service()
 
     def delete(self, key: bytes) -> None:
         self._active[key] = None
         self._active_bytes += len(key)
-        if self._flush_due or len(self._active) >= self._max_entries:
-            self.flush()
+        if self.changes is not None:
+            self.changes.add(key)
+        if self._flush_due or len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
+            self._service()
 
     def append(self, key: bytes, data: bytes) -> None:
         v = self._active.get(key, _MISSING)
         if v is _MISSING:
-            self._active[key] = _Append(data)
+            self._active[key] = Append(data)
         elif v is None:
             self._active[key] = bytearray(data)
         elif v.__class__ is bytes:
@@ -455,36 +272,79 @@ class LmdbKV(KVStore):
         else:
             v.data += data
         self._active_bytes += len(data)
+        if self.changes is not None:
+            self.changes.add(key)
         if self._flush_due or len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
-            self.flush()
+            self._service()
+
+    def _freeze(self) -> None:
+        """Hand the active buffer to the flusher (it stays readable as a frozen layer)."""
+        if self._active:
+            layer = Layer(self._active)
+            self._frozen.append(layer)
+            self._active = {}
+            self._active_bytes = 0
+            self._flusher.submit(layer)
+
+    def _flusher_done(self) -> None:
+        self._flush_due = True  # from the flusher's thread: the task thread looks on its next write
+
+    def _service(self) -> None:
+        """The task thread's part of flushing, on a write that filled the buffer or after the flusher wrote
+        or failed: freeze the buffer, drop layers LMDB now holds, grow the map, raise a write's error.
+        Waits only when the flusher is :data:`MAX_PENDING_LAYERS` layers behind."""
+        self._check_open()
+        self._flush_due = False
+        self._settle()
+        if len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
+            self._freeze()
+        flusher = self._flusher
+        if flusher.pending() >= MAX_PENDING_LAYERS and not flusher.stalled:
+            flusher.wait(below=MAX_PENDING_LAYERS)
+        if self._frozen:
+            self._drop_reader()  # the next read opens a reader that sees what the flusher wrote
+
+    def _settle(self) -> bool:
+        """Deal with a stalled flusher: raise its error (once: the next call retries the layer), or grow the
+        map, and resume it. Returns False if the map is full and cannot grow while a snapshot is open."""
+        flusher = self._flusher
+        if not flusher.stalled:
+            return True
+        error = flusher.take_error()
+        if error is not None:
+            raise error
+        if flusher.map_full:
+            # Never wait for snapshots here: the task thread may be the one that writes or releases them
+            # later, so waiting could deadlock. The layers stay readable in memory.
+            self._drop_reader()
+            if not self._grow(wait=False):
+                return False
+        flusher.resume()
+        return True
 
     def flush(self) -> bool:
-        """Write every buffered change into LMDB (task thread only).
+        """Write every buffered change into LMDB and wait for it (task thread only).
 
         Returns:
             True if everything was written; False if the map is full and cannot grow while a
             snapshot holds a read transaction (the changes stay buffered and reads stay correct).
+
+        Raises:
+            LmdbError: a write failed (the changes stay buffered and readable; a later flush retries).
         """
+        self._check_open()
         self._flush_due = False
-        if self._active:
-            self._frozen.append(self._active)
-            self._active = {}
-            self._active_bytes = 0
-        while self._frozen:
-            try:
-                self._write_layer(self._frozen[0])
-            except lmdb.MapFullError:
-                # Never wait for snapshots here: the task thread may be the one that writes or
-                # releases them later, so waiting could deadlock. The layers stay readable in memory.
-                if self._grow(wait=False):
-                    continue
+        if not self._settle():
+            return False
+        self._freeze()
+        flusher = self._flusher
+        while not flusher.wait():
+            if not self._settle():  # raises a write's error; grows the map and resumes
                 return False
-            except lmdb.Error as exc:  # the layer stays buffered: a later flush may succeed (disk freed)
-                raise self._error(exc, "write to the LMDB environment in") from exc
-            self._frozen.pop(0)
-            self._left_over = 0
-            self._drop_reader()
-        return True
+        self._drop_reader()
+        if self._frozen:
+            self._begin_read()  # drops the layers it wrote
+        return not self._frozen
 
     def _error(self, exc: lmdb.Error | OSError, action: str) -> StateError:
         """What an LMDB call that failed while trying to ``action`` raises."""
@@ -495,33 +355,6 @@ class LmdbKV(KVStore):
         except lmdb.Error:
             size = None
         return lmdb_error(exc, self._path, action, map_size=size)
-
-    def _write_layer(self, layer: Buffer) -> None:
-        # A layer holds one change per key, so changes to different keys commute: plain values go in one
-        # sorted putmulti (no Python call per entry), deletes and appends one by one after it.
-        keys = sorted(layer)  # sorting the keys alone is ~2x faster than sorting (key, value) pairs
-        kinds = set(map(type, layer.values()))
-        with self._env.begin(write=True, db=self.db) as txn:
-            if bytes in kinds:
-                plain = (
-                    zip(keys, map(layer.__getitem__, keys), strict=True)
-                    if len(kinds) == 1
-                    else [(key, v) for key in keys if (v := layer[key]).__class__ is bytes]
-                )
-                txn.cursor().putmulti(plain, dupdata=False, overwrite=True)
-                if len(kinds) == 1:
-                    return
-            for key in keys:
-                v = layer[key]
-                if v.__class__ is bytes:
-                    continue
-                if v is None:
-                    txn.delete(key)
-                elif v.__class__ is _Append:
-                    base = txn.get(key)
-                    txn.put(key, (base or b"") + v.data)
-                else:
-                    txn.put(key, v)
 
     def _grow(self, *, wait: bool) -> bool:
         with self._lock:
@@ -549,24 +382,35 @@ class LmdbKV(KVStore):
             self._snapshots_open -= 1
             self._lock.notify_all()
         if self._frozen:
-            self._flush_due = True  # the map may grow now: the task thread flushes on its next write
+            self._flush_due = True  # the map may grow now: the task thread looks on its next write
 
     # --- scans ---------------------------------------------------------------------------------------
 
     def scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
-        self.flush()
+        """Every entry under ``prefix``: LMDB through a new read transaction, the frozen layers it does not
+        see and the active buffer on top (no flush: a scan never waits for LMDB writes)."""
+        self._check_open()
+        if len(self._active) > _SCAN_FREEZE:
+            self._freeze()  # the flusher sorts it: later scans bisect instead of filtering the whole buffer
+        hi = prefix_end(prefix)
         try:
             with self._env.begin(db=self.db) as txn:
+                txn_id = txn.id()
+                layers = [layer for layer in self._frozen if not layer.visible_in(txn_id)]
                 cursor = txn.cursor()
-                if self._frozen:
-                    return list(_merged(cursor, tuple(self._frozen), prefix, prefix_end(prefix)))
-                out: list[tuple[bytes, bytes]] = []
-                if cursor.set_range(prefix):
-                    for key, value in cursor.iternext():
-                        if not key.startswith(prefix):
-                            break
-                        out.append((key, value))
-                return out
+                if not layers and not self._active:
+                    out: list[tuple[bytes, bytes]] = []
+                    if cursor.set_range(prefix):
+                        for key, value in cursor.iternext():
+                            if not key.startswith(prefix):
+                                break
+                            out.append((key, value))
+                    return out
+                keys = {k for k in self._active if k.startswith(prefix)}
+                for layer in layers:
+                    keys.update(layer.keys_in(prefix, hi))
+                buffers = (*(layer.data for layer in layers), self._active)
+                return list(merged(cursor, buffers, prefix, hi, sorted(keys)))
         except lmdb.Error as exc:
             raise self._error(exc, "read from the LMDB environment in") from exc
 
@@ -579,20 +423,17 @@ class LmdbKV(KVStore):
     # --- snapshots and restore -----------------------------------------------------------------------
 
     def snapshot(self) -> KVSnapshot:
+        self._check_open()
         if self._active:
-            self._frozen.append(self._active)
-            self._active = {}
-            self._active_bytes = 0
+            self._freeze()  # the flusher writes it later; the snapshot reads it from memory meanwhile
         try:
             txn = self._env.begin(db=self.db)
         except lmdb.Error as exc:
             raise self._error(exc, "snapshot the LMDB environment in") from exc
+        txn_id = txn.id()
         with self._lock:
             self._snapshots_open += 1
-        # The frozen buffers go to LMDB on the task thread's next write (not here: this is the
-        # synchronous part); they stay readable to this snapshot, which holds them and its old view.
-        self._flush_due = bool(self._frozen)
-        return _LmdbSnapshot(self, txn, tuple(self._frozen))
+        return LmdbSnapshot(self, txn, tuple(layer for layer in self._frozen if not layer.visible_in(txn_id)))
 
     def begin_restore(self) -> None:
         """Start a restore from an empty environment: discard the entries the environment held when it was
@@ -669,8 +510,11 @@ class LmdbKV(KVStore):
         self._dir_lock.set_owner(owner)
 
     def close(self) -> None:
+        """Close the environment. Buffered changes not yet in LMDB are dropped (it is scratch space: state
+        survives through checkpoints); a write in flight finishes first."""
         if self._closed:
             return
+        self._flusher.stop()
         self._closed = True
         self._drop_reader()
         self._env.close()

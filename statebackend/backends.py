@@ -26,6 +26,9 @@ class StateBackend(ABC):
     """Creates the keyed and operator backends of operator subtasks."""
 
     name: str
+    incremental_default: bool = False
+    """Whether a runtime takes incremental snapshots of this backend's keyed state when its configuration
+    leaves it open (``CheckpointConfig(incremental=None)``)."""
 
     @abstractmethod
     def create_keyed_backend(
@@ -87,6 +90,7 @@ class LmdbStateBackend(StateBackend):
     """
 
     name = "lmdb"
+    incremental_default = True
 
     def __init__(
         self,

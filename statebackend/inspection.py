@@ -4,7 +4,7 @@ Nothing here deserializes with an unsafe serializer: callers decide, per the ser
 snapshot, whether to decode bytes (``safe_serializer``) or show them raw. Composite keys are split
 into key group, key, namespace and map user key as ``docs/format.md`` describes.
 
-The framing is decoded by the restore's own decoders (``KeyedSnapshotReader``,
+The framing is decoded by the restore's own decoders (``KeyedSnapshotReader`` and ``_delta.ChainReader``,
 ``operator_state.stream_elements``), so what reads here restores, and :func:`check_keyed_handle` /
 :func:`check_operator_handle` (``keystate verify``) refuse whatever a restore would refuse.
 """
@@ -15,8 +15,9 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from keystate.statebackend._delta import ChainReader
 from keystate.statebackend._entry_format import split_frames
-from keystate.statebackend._snapshot import KeyedSnapshotReader, SnapshotMeta, StateMeta
+from keystate.statebackend._snapshot import SnapshotMeta, StateMeta
 from keystate.statebackend.errors import StateMigrationError, StateRestoreError
 from keystate.statebackend.keygroups import KEY_GROUP_HASH
 from keystate.statebackend.operator_state import stream_elements
@@ -65,8 +66,9 @@ class OperatorElement:
 
 
 def snapshot_meta(checkpoint: CompletedCheckpoint, handle: KeyedStateHandle, operator_uid: str) -> SnapshotMeta:
-    """The meta section (key serializer, states) of one keyed handle."""
-    return KeyedSnapshotReader(checkpoint, handle, operator_uid).meta()
+    """The meta section (key serializer, states) of one keyed handle; of an incremental handle, every state of
+    its base and deltas."""
+    return ChainReader(checkpoint, handle, operator_uid).meta()
 
 
 def _split_key(raw: bytes, where: str) -> tuple[int, int, bytes, bytes, bytes]:
@@ -99,24 +101,25 @@ def read_keyed_entries(
     key_groups: KeyGroupRange | None = None,
     state_name: str | None = None,
 ) -> Iterator[KeyedEntry]:
-    """Every entry of a keyed handle (optionally only some key groups or one state), in key order.
+    """Every entry of a keyed handle (optionally only some key groups or one state), in key order; of an
+    incremental handle, the merged state: its base with its deltas applied, as a restore loads it.
 
     Raises:
-        StateRestoreError: the state file or an entry is damaged.
+        StateRestoreError: a state file or an entry is damaged.
     """
-    reader = KeyedSnapshotReader(checkpoint, handle, operator_uid)
+    reader = ChainReader(checkpoint, handle, operator_uid)
     yield from _entries(reader, handle, operator_uid, key_groups or handle.key_groups, state_name)
 
 
 def _entries(
-    reader: KeyedSnapshotReader,
+    reader: ChainReader,
     handle: KeyedStateHandle,
     operator_uid: str,
     key_groups: KeyGroupRange,
     state_name: str | None,
 ) -> Iterator[KeyedEntry]:
     states = {s.sid: s for s in reader.meta().states}
-    for raw_key, value in reader.entries(key_groups):
+    for raw_key, value in (entry for _, chunk in reader.chunks(key_groups) for entry in chunk):
         kg = _U16.unpack_from(raw_key)[0]  # the reader checked it: the key group whose data this is
         where = (
             f"operator {operator_uid!r}: {handle.stream.describe}: key group {kg} (its data starts at file "
@@ -166,14 +169,15 @@ def read_operator_elements(checkpoint: CompletedCheckpoint, handle: OperatorStat
 def check_keyed_handle(checkpoint: CompletedCheckpoint, handle: KeyedStateHandle, operator_uid: str) -> int:
     """Decode one keyed handle completely, as a restore of all its key groups would, deserializing nothing.
 
-    The meta section and every key group's entries go through :class:`KeyedSnapshotReader`, the restore's
-    own decoder (offsets, entry framing, key groups, state ids, TTL headers); then every composite key and
+    An incremental handle is read whole: its base and every delta (headers, changes, tombstones),
+    merged. The meta section and every key group's entries go through the restore's own decoders
+    (offsets, entry framing, key groups, state ids, TTL headers); then every composite key and
     every stored value is split as the states read them (key and namespace lengths, list frames). Only
     what a snapshot carries is checked, not what depends on the job restoring it (its max parallelism, its
     key serializer).
 
     Returns:
-        How many entries the handle holds.
+        How many entries the handle holds (merged: after its deltas).
 
     Raises:
         StateRestoreError: the handle's bytes are damaged; the message names the state file, the key
@@ -181,7 +185,7 @@ def check_keyed_handle(checkpoint: CompletedCheckpoint, handle: KeyedStateHandle
         StateMigrationError: the snapshot uses a key-group hash this keystate cannot read.
         StateFileError: a block of the state file is damaged.
     """
-    reader = KeyedSnapshotReader(checkpoint, handle, operator_uid)
+    reader = ChainReader(checkpoint, handle, operator_uid)
     meta = reader.meta()
     if meta.key_group_hash != KEY_GROUP_HASH:
         raise StateMigrationError(

@@ -6,14 +6,17 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from keystate.statebackend._changes import DEFAULT_MAX_TRACKED_KEYS, ChangeTracker, Plan, extendable
+from keystate.statebackend._delta import ChainReader, DeltaHeader, write_delta
 from keystate.statebackend._entry_format import ttl_filter
 from keystate.statebackend._heap import HeapKV
-from keystate.statebackend._kv import Chunk, KVSnapshot, KVStore
+from keystate.statebackend._kv import Chunk, KVSnapshot, KVStore, sorted_in_slices
 from keystate.statebackend._lmdb import LmdbKV
-from keystate.statebackend._snapshot import KeyedSnapshotReader, SnapshotMeta, StateMeta, write_keyed_snapshot
+from keystate.statebackend._snapshot import SnapshotMeta, StateMeta, write_keyed_snapshot
 from keystate.statebackend._states import make_state
 from keystate.statebackend.errors import (
     KeyGroupOutOfRangeError,
@@ -30,6 +33,7 @@ from keystate.statebackend.state import (
     KeyedSnapshot,
     KeyedStateBackend,
     MapStateDescriptor,
+    SnapshotOptions,
     State,
     StateDescriptor,
 )
@@ -37,7 +41,8 @@ from keystate.statebackend.ttl import Clock, system_clock_ms
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
 from keystate.storage.errors import KeystateError
 from keystate.storage.format.keygroups import KeyGroupRange, check_max_parallelism
-from keystate.storage.format.metadata import KeyedStateHandle
+from keystate.storage.format.metadata import HandleScope, KeyedStateHandle
+from keystate.storage.streams import StateOutputStream
 
 __all__ = ["HeapKeyedStateBackend", "KVKeyedStateBackend", "LmdbKeyedStateBackend"]
 
@@ -56,31 +61,84 @@ def _translated(chunk: Chunk, translate: dict[bytes, bytes]) -> Chunk:
     return sorted((k[:2] + translate.get(k[2:4], k[2:4]) + k[4:], v) for k, v in chunk)
 
 
+class _SharedScope:
+    """A checkpoint writer whose streams go to the job's ``shared/`` directory (a chain's base)."""
+
+    def __init__(self, writer: CheckpointWriter) -> None:
+        self._writer = writer
+
+    def open_stream(self, hint: str, scope: HandleScope = HandleScope.SHARED) -> StateOutputStream:
+        return self._writer.open_stream(hint, HandleScope.SHARED)
+
+
 class _Snapshot(KeyedSnapshot):
-    def __init__(self, backend: KVKeyedStateBackend, view: KVSnapshot, meta: SnapshotMeta, now: int) -> None:
+    """A full snapshot (``plan`` ``None``: exclusive, outside any chain) or an incremental one: a delta on
+    ``plan.chain``, or a new shared base."""
+
+    def __init__(
+        self, backend: KVKeyedStateBackend, view: KVSnapshot, meta: SnapshotMeta, now: int, plan: Plan | None = None
+    ) -> None:
         self._backend = backend
         self._view: KVSnapshot | None = view
         self._meta = meta
         self._now = now
+        self._plan = plan
+        self.based_on = None if plan is None or plan.chain is None else plan.chain.checkpoint_id
 
     def write(self, writer: CheckpointWriter, hint: str) -> KeyedStateHandle | None:
         view = self._view
         if view is None:
             raise StateSnapshotError("keyed snapshot was already written or released")
         b = self._backend
+        plan, self._plan = self._plan, None
+        if plan is not None and plan.chain is not None and not plan.chain.continues_in(writer):
+            # A restored chain of a savepoint or another job (its files are not this job's): a new base.
+            b.tracker.refuse(plan.chain)
+            plan = Plan(plan.checkpoint_id, None)
+            self.based_on = None
         try:
-            return write_keyed_snapshot(writer, hint, view, b.key_groups, self._meta, self._now)
+            handle = self._write(writer, hint, view, plan)
         except KeystateError as exc:
+            if plan is not None:
+                b.tracker.failed(plan.checkpoint_id)
             raise StateSnapshotError(
                 f"operator {b.operator_uid!r} subtask {b.subtask_index}: keyed snapshot failed: {exc}"
             ) from exc
+        except BaseException:
+            if plan is not None:
+                b.tracker.failed(plan.checkpoint_id)
+            raise
         finally:
             self.release()
+        if plan is not None:
+            b.tracker.written(plan.checkpoint_id, handle)
+        return handle
+
+    def _write(
+        self, writer: CheckpointWriter, hint: str, view: KVSnapshot, plan: Plan | None
+    ) -> KeyedStateHandle | None:
+        key_groups = self._backend.key_groups
+        if plan is None:
+            return write_keyed_snapshot(writer, hint, view, key_groups, self._meta, self._now)
+        if plan.chain is None:  # a new base: shared, as later deltas reference it
+            shared = cast(CheckpointWriter, _SharedScope(writer))
+            handle = write_keyed_snapshot(shared, hint, view, key_groups, self._meta, self._now)
+            if handle is not None and handle.stream.written_by is None and handle.stream.scope is HandleScope.SHARED:
+                handle = replace(handle, stream=replace(handle.stream, written_by=plan.checkpoint_id))
+            return handle
+        keys = sorted_in_slices(set().union(*plan.changes))
+        if not keys:
+            return plan.chain.handle  # nothing changed: the confirmed chain as it is, no new file
+        header = DeltaHeader(plan.checkpoint_id, plan.chain.checkpoint_id, self._meta)
+        return write_delta(writer, hint, view, keys, plan.chain.handle, header, self._now)
 
     def release(self) -> None:
         view, self._view = self._view, None
         if view is not None:
             view.release()
+        plan, self._plan = self._plan, None
+        if plan is not None:
+            self._backend.tracker.failed(plan.checkpoint_id)
 
 
 class KVKeyedStateBackend(KeyedStateBackend):
@@ -94,6 +152,8 @@ class KVKeyedStateBackend(KeyedStateBackend):
         key_groups: the key groups this subtask owns.
         key_serializer: how keys become bytes (and hence key groups).
         clock: processing time in ms, for TTL.
+        max_tracked_keys: changed keys remembered for incremental snapshots (keys only) before the next
+            incremental snapshot is a full one instead (docs/statebackend.md, "Incremental snapshots").
     """
 
     def __init__(
@@ -106,6 +166,7 @@ class KVKeyedStateBackend(KeyedStateBackend):
         key_groups: KeyGroupRange,
         key_serializer: Serializer[Any] | None = None,
         clock: Clock = system_clock_ms,
+        max_tracked_keys: int = DEFAULT_MAX_TRACKED_KEYS,
     ) -> None:
         check_max_parallelism(max_parallelism)
         if not key_groups or key_groups.end >= max_parallelism:
@@ -127,6 +188,8 @@ class KVKeyedStateBackend(KeyedStateBackend):
         self._snapshot_meta: SnapshotMeta | None = None  # cached until the registry changes
         self._states: dict[str, tuple[StateDescriptor[Any], State]] = {}
         self._closed = False
+        self.tracker = ChangeTracker(max_tracked_keys)
+        """Epochs of changed keys and the confirmed chain (incremental snapshots)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.operator_uid!r}[{self.subtask_index}], key groups {self.key_groups})"
@@ -254,14 +317,31 @@ class KVKeyedStateBackend(KeyedStateBackend):
 
     # --- snapshot and restore ------------------------------------------------------------------------
 
-    def snapshot(self) -> KeyedSnapshot:
+    def snapshot(self, checkpoint_id: int | None = None, options: SnapshotOptions | None = None) -> KeyedSnapshot:
         self._check_open()
         meta = self._snapshot_meta
         if meta is None:
             meta = self._snapshot_meta = SnapshotMeta(
                 self._key_ser.name, KEY_GROUP_HASH, tuple(self.registered_states()), self.max_parallelism
             )
-        return _Snapshot(self, self.kv.snapshot(), meta, self.clock())
+        if options is None or not options.incremental:
+            return _Snapshot(self, self.kv.snapshot(), meta, self.clock())
+        if checkpoint_id is None:
+            raise ValueError("an incremental snapshot needs the checkpoint id it is for")
+        # The epoch closes and the view opens with no write in between: the view holds exactly the changes.
+        plan = self.tracker.plan(checkpoint_id, self.kv.take_changes(), options)
+        try:
+            view = self.kv.snapshot()
+        except BaseException:
+            self.tracker.failed(checkpoint_id)  # the epoch stays: its changes go into the next delta
+            raise
+        return _Snapshot(self, view, meta, self.clock(), plan)
+
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        self.tracker.complete(checkpoint_id)
+
+    def notify_checkpoint_aborted(self, checkpoint_id: int) -> None:
+        self.tracker.abort(checkpoint_id)
 
     def restore(self, handles: Sequence[tuple[CompletedCheckpoint, KeyedStateHandle]]) -> None:
         self._check_open()
@@ -279,11 +359,11 @@ class KVKeyedStateBackend(KeyedStateBackend):
                     f"keep {recorded.max_parallelism} or start without state"
                 )
         # Every handle is checked before any is loaded, so a refused restore loads nothing.
-        readers: list[tuple[KeyedSnapshotReader, SnapshotMeta, str]] = []
+        readers: list[tuple[ChainReader, SnapshotMeta, str]] = []
         for checkpoint, handle in ordered:
             if not handle.key_groups.intersection(self.key_groups):
                 continue
-            reader = KeyedSnapshotReader(checkpoint, handle, self.operator_uid)
+            reader = ChainReader(checkpoint, handle, self.operator_uid)
             meta = reader.meta()
             where = f"operator {self.operator_uid!r}: state file {checkpoint.location}/{handle.stream.describe}"
             # Also under another uid: the snapshot records its max parallelism (or, format 1, the
@@ -311,6 +391,14 @@ class KVKeyedStateBackend(KeyedStateBackend):
                 raise
             except KeystateError as exc:
                 raise StateRestoreError(f"{where}: restore failed: {exc}") from exc
+        # One handle of exactly our key groups (handles of other key groups add nothing): the next delta can
+        # extend its chain (not after a rescale, nor the chain of a savepoint).
+        mine = [(c, h) for c, h in ordered if h.key_groups.intersection(self.key_groups)]
+        if len(mine) == 1 and mine[0][1].key_groups == self.key_groups and extendable(mine[0][1]):
+            self.tracker.restored(*mine[0])
+            self.kv.take_changes()  # from now on every change is tracked
+        else:
+            self.tracker.restored(None, None)
 
     def _adopt(self, meta: SnapshotMeta, where: str) -> dict[bytes, bytes]:
         """Register the snapshot's states; returns a map of snapshot state ids to ours where they differ."""
@@ -345,6 +433,7 @@ class KVKeyedStateBackend(KeyedStateBackend):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.kv.stop_tracking()
             self.kv.close()
 
 
@@ -358,6 +447,8 @@ class HeapKeyedStateBackend(KVKeyedStateBackend):
 class LmdbKeyedStateBackend(KVKeyedStateBackend):
     """Keyed state in an LMDB environment under ``directory`` (a fresh temp dir by default).
 
+    Incremental snapshots are this backend's default in the runtime (:attr:`incremental_default`).
+
     Args:
         directory: where the environment lives; it is deleted on :meth:`close` if keystate created it.
         map_size: the initial LMDB map size (it grows on demand).
@@ -365,6 +456,8 @@ class LmdbKeyedStateBackend(KVKeyedStateBackend):
         writemap: LMDB ``MDB_WRITEMAP``.
         **kwargs: see :class:`KVKeyedStateBackend`.
     """
+
+    incremental_default = True
 
     def __init__(
         self,

@@ -33,6 +33,7 @@ __all__ = [
     "MapStateDescriptor",
     "ReducingState",
     "ReducingStateDescriptor",
+    "SnapshotOptions",
     "State",
     "StateDescriptor",
     "StateKind",
@@ -216,8 +217,46 @@ class AggregatingState(State, Generic[IN, OUT]):
 # --- the backend -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotOptions:
+    """How :meth:`KeyedStateBackend.snapshot` snapshots (docs/statebackend.md, "Incremental snapshots").
+
+    Attributes:
+        incremental: write only the keys changed since the backend's last completed checkpoint (a delta
+            file under the job's ``shared/`` directory) and reference the earlier files still needed.
+            ``False`` (the default, and always for savepoints): a full, self-contained snapshot that leaves
+            the backend's chain alone.
+        max_chain_length: materialize (write a full snapshot as the new base) once the chain to extend
+            already has this many deltas: a restore reads at most this many deltas.
+        max_delta_ratio: materialize too once the chain's deltas hold more than this multiple of its
+            base's stored bytes.
+    """
+
+    incremental: bool = False
+    max_chain_length: int = 10
+    max_delta_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_chain_length < 1 or not self.max_delta_ratio > 0:
+            raise ValueError(
+                f"max_chain_length must be >= 1 and max_delta_ratio positive, found {self.max_chain_length} "
+                f"and {self.max_delta_ratio}"
+            )
+
+
 class KeyedSnapshot(ABC):
-    """The asynchronous part of a keyed snapshot. Call :meth:`write` (from any thread) or :meth:`release`."""
+    """The asynchronous part of a keyed snapshot. Call :meth:`write` (from any thread) or :meth:`release`.
+
+    Attributes:
+        based_on: the completed checkpoint whose chain this snapshot extends (its handle references that
+            checkpoint's files and adds a delta); ``None`` for a full snapshot. Known when the snapshot is
+            taken; it only ever moves forward between a backend's snapshots (a lower bound for later ones).
+            :meth:`write` may still write a full base instead (then it sets ``based_on`` to ``None``): a
+            restored chain is continued only by a checkpoint writer of the same job and job directory as
+            the checkpoint restored (never after a savepoint).
+    """
+
+    based_on: int | None = None
 
     @abstractmethod
     def write(self, writer: CheckpointWriter, hint: str) -> KeyedStateHandle | None:
@@ -286,9 +325,28 @@ class KeyedStateBackend(ABC):
     def purge_expired(self) -> int:
         """Remove every expired TTL value now (compaction-style cleanup); returns how many."""
 
+    incremental_default: bool = False
+    """Whether a runtime takes incremental snapshots of this backend when its configuration leaves it open."""
+
     @abstractmethod
-    def snapshot(self) -> KeyedSnapshot:
-        """The synchronous part of a snapshot: O(1); state may change right after it returns."""
+    def snapshot(self, checkpoint_id: int | None = None, options: SnapshotOptions | None = None) -> KeyedSnapshot:
+        """The synchronous part of a snapshot: O(1); state may change right after it returns.
+
+        Args:
+            checkpoint_id: the checkpoint the snapshot is for (required when ``options.incremental``).
+            options: full (the default) or incremental; see :class:`SnapshotOptions`.
+
+        Raises:
+            ValueError: an incremental snapshot without a checkpoint id.
+            StateError: the backend is closed.
+        """
+
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:  # noqa: B027 -- optional hook
+        """Checkpoint ``checkpoint_id`` completed: an incremental backend confirms its chain (later deltas
+        build on it). Cheap; call it on the task's thread. A no-op for checkpoints it did not snapshot."""
+
+    def notify_checkpoint_aborted(self, checkpoint_id: int) -> None:  # noqa: B027 -- optional hook
+        """Checkpoint ``checkpoint_id`` will never complete: its changes go into the next delta."""
 
     @abstractmethod
     def restore(self, handles: Sequence[tuple[CompletedCheckpoint, KeyedStateHandle]]) -> None:
