@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from keystate.statebackend.backends import StateBackend
 from keystate.storage.base import ObjectStore
 from keystate.storage.format.statefile import ReadLimits
 from keystate.storage.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from keystate.runtime.executor import Executor
 
 __all__ = ["CheckpointConfig", "JobConfig", "RestartStrategy"]
 
@@ -37,6 +41,15 @@ class CheckpointConfig:
         read_limits: what a state file read from the checkpoint storage may declare when the job restores
             from it after a failure (``ReadLimits``: 16 MiB per block, 4 GiB per file). A checkpoint
             passed in to restore from is read with the limits of the storage it was loaded from.
+        incremental: incremental keyed snapshots: a checkpoint writes only the keys changed since the
+            subtask's last completed checkpoint, as a delta file under the job's ``shared/`` directory,
+            and references the earlier files it still needs (like Flink's RocksDB incremental checkpoints).
+            ``None`` (default): the state backend's default, on for LMDB and off for the heap. Savepoints
+            are always full and self-contained.
+        max_chain_length: with ``incremental``, a subtask materializes (writes a full snapshot as its new
+            base) once its chain has this many deltas, so a restore reads at most this many deltas.
+        max_delta_ratio: with ``incremental``, a subtask also materializes once the bytes of its deltas
+            exceed this multiple of its base's bytes.
     """
 
     interval: float | None = None
@@ -52,6 +65,9 @@ class CheckpointConfig:
     retry: RetryPolicy | None = field(default_factory=RetryPolicy)
     wrap_store: Callable[[ObjectStore], ObjectStore] | None = None
     read_limits: ReadLimits = field(default_factory=ReadLimits)
+    incremental: bool | None = None
+    max_chain_length: int = 10
+    max_delta_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.interval is not None and self.interval <= 0:
@@ -60,6 +76,11 @@ class CheckpointConfig:
             raise ValueError("checkpoint timeout must be positive and min_pause non-negative")
         if self.max_concurrent < 1 or self.num_retained < 1 or self.tolerable_failed_checkpoints < 0:
             raise ValueError("max_concurrent and num_retained must be >= 1, tolerable_failed_checkpoints >= 0")
+        if self.max_chain_length < 1 or not self.max_delta_ratio > 0:
+            raise ValueError(
+                f"max_chain_length must be >= 1 and max_delta_ratio positive, found {self.max_chain_length} "
+                f"and {self.max_delta_ratio}"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -88,6 +109,9 @@ class JobConfig:
         restart: restart strategy.
         channel_capacity: record batches buffered per channel before the sender waits (backpressure).
         batch_size: records per batch sent over a channel.
+        executor: where the tasks run. ``None`` (default): the embedded executor, every task an asyncio
+            task of this process. ``keystate.runtime.ray.RayExecutor(...)``: every subtask in a Ray actor
+            (its own worker process), the coordinator in this process (docs/ray.md).
     """
 
     state_backend: str | StateBackend = "lmdb"
@@ -95,6 +119,7 @@ class JobConfig:
     restart: RestartStrategy = field(default_factory=RestartStrategy)
     channel_capacity: int = 8
     batch_size: int = 256
+    executor: Executor | None = None
 
     def __post_init__(self) -> None:
         if self.channel_capacity < 1 or self.batch_size < 1:

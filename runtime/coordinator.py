@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from keystate.runtime import faults
 from keystate.runtime.checkpoint_protocol import (
@@ -30,16 +28,17 @@ from keystate.runtime.checkpoint_protocol import (
 from keystate.runtime.config import CheckpointConfig
 from keystate.runtime.errors import CheckpointFailedError, JobFailedError, StopWithSavepointError
 from keystate.runtime.events import CheckpointOptions
-from keystate.runtime.plan import CheckpointPlan, PlanRejectedError, SubtaskId, calculate_plan
+from keystate.runtime.pending_checkpoint import (
+    PendingCheckpoint,
+    abort_writer,
+    build_metadata,
+    commit_metadata,
+    discard_late,
+)
+from keystate.runtime.plan import PlanRejectedError, SubtaskId, SubtaskStatus, calculate_plan
 from keystate.storage.checkpoints import CheckpointStorage, CheckpointWriter, CompletedCheckpoint
 from keystate.storage.errors import CommitOutcomeUnknownError, KeystateError
-from keystate.storage.format.metadata import (
-    CheckpointKind,
-    CheckpointMetadata,
-    CheckpointProperties,
-    OperatorState,
-    SubtaskState,
-)
+from keystate.storage.format.metadata import CheckpointKind, CheckpointMetadata
 from keystate.storage.format.topology import Topology
 from keystate.storage.retention import CompletedCheckpointStore
 from keystate.storage.retry import RetryPolicy
@@ -50,8 +49,14 @@ log = logging.getLogger(__name__)
 
 _FINAL_RETRY_DELAY = 0.1
 """Seconds before a failed final checkpoint is retried (instead of waiting for the next periodic one)."""
+_RACE_RETRIES = 20
+"""Times a stop-with-savepoint is triggered again after the race of rule B7 (a triggered task finished)."""
+_RACE_SETTLE = 2.0
+"""Seconds a retried stop-with-savepoint waits for the refusing task's FINISHED to be reported."""
 _ABORTED_KEPT = 64
 """Aborted checkpoints whose late acknowledgements are still cleaned up."""
+_Pending = PendingCheckpoint
+"""The name the pending checkpoint had when it lived here (tests build pending checkpoints with it)."""
 
 
 def _log_failure(task: asyncio.Task[object]) -> None:
@@ -62,19 +67,6 @@ def _log_failure(task: asyncio.Task[object]) -> None:
     exc = task.exception()
     if exc is not None:
         log.warning("background step %s failed: %s: %s", task.get_name(), type(exc).__name__, exc)
-
-
-@dataclass
-class _Pending:
-    checkpoint_id: int
-    timestamp: int
-    options: CheckpointOptions
-    plan: CheckpointPlan
-    writer: CheckpointWriter
-    future: asyncio.Future[CompletedCheckpoint]
-    acks: dict[SubtaskId, SubtaskSnapshot] = field(default_factory=dict)
-    timer: asyncio.TimerHandle | None = None
-    finalizing: bool = False
 
 
 class CheckpointCoordinator:
@@ -109,7 +101,7 @@ class CheckpointCoordinator:
         self._on_fatal = on_fatal
         self._next_id = next_checkpoint_id
         self._tasks: dict[SubtaskId, TaskGateway] = {}
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, PendingCheckpoint] = {}
         self._end_of_data: set[SubtaskId] = set()
         self._final_requested = False
         self._final_after: int | None = None
@@ -133,12 +125,19 @@ class CheckpointCoordinator:
         restores. Checkpoints recovered from earlier runs of the job id are retained but never this."""
         self._recovered = False
         self._recover_lock = asyncio.Lock()
+        self._refused: dict[int, SubtaskId] = {}
+        """Checkpoint id -> the triggered task that had finished when its trigger arrived (rule B7)."""
+        self._unnotified_sync: dict[int, frozenset[SubtaskId]] = {}
+        """Synchronous savepoints aborted by the race of rule B7 whose tasks were not told (the savepoint is
+        retried and the tasks take the retry instead); told if the stop-with-savepoint gives up."""
 
     # --- tasks ---------------------------------------------------------------------------------------
 
     def attach(self, tasks: dict[SubtaskId, TaskGateway]) -> None:
         """Start coordinating a (new) deployment of the job's tasks."""
         self._tasks = dict(tasks)
+        # Until its subtasks report what they build on, they may build on any completed checkpoint.
+        self.store.registry.deployment_started()
         self._end_of_data.clear()  # restarted subtasks report end of data again (C7)
         self._final_requested = False
         self._final_after = None
@@ -153,10 +152,14 @@ class CheckpointCoordinator:
         """
         self._final_after = None
         self._cancel_final_retry()
+        self._unnotified_sync.clear()  # the tasks that took them are going away
         for pending in list(self._pending.values()):
             if not pending.finalizing:
                 self._abort(pending, CheckpointFailureReason.JOB_FAILOVER, "the job is failing over or stopping")
         self._tasks = {}
+        # No subtask builds on anything now; the next deployment restores from a retained checkpoint.
+        self.store.registry.deployment_ended()
+        self._spawn(asyncio.to_thread(self.store.release_shared), "release-shared")
 
     async def settle(self) -> None:
         """Wait for checkpoints that were completing when the deployment went away (see :meth:`detach`)."""
@@ -170,7 +173,7 @@ class CheckpointCoordinator:
         task.add_done_callback(_log_failure)
         return task
 
-    def _spawn_finalize(self, pending: _Pending) -> None:
+    def _spawn_finalize(self, pending: PendingCheckpoint) -> None:
         pending.finalizing = True
         task = self._spawn(self._finalize(pending), f"finalize-{pending.checkpoint_id}")
         self._finalizers.add(task)
@@ -204,6 +207,10 @@ class CheckpointCoordinator:
         async with self._recover_lock:
             if not self._recovered:
                 recovered = await asyncio.to_thread(self.store.recover)
+                try:  # nothing is deployed or pending yet: shared files no checkpoint references are orphans
+                    await asyncio.to_thread(self.store.remove_orphans)
+                except KeystateError as exc:
+                    log.warning("job %s: could not remove orphaned shared files: %s", self.job_id, exc)
                 if recovered:
                     self._next_id = max(self._next_id, recovered[-1].checkpoint_id + 1)
                     log.info("job %s: retention took in %d completed checkpoints of earlier runs (%s); the next "
@@ -245,7 +252,9 @@ class CheckpointCoordinator:
             writer = self.storage.begin_savepoint(self.job_id, checkpoint_id)
         else:
             writer = self.storage.begin_checkpoint(self.job_id, checkpoint_id)
-        pending = _Pending(checkpoint_id, int(time.time() * 1000), options, plan, writer, loop.create_future())
+        pending = PendingCheckpoint(checkpoint_id, int(time.time() * 1000), options, plan, writer, loop.create_future())
+        for sub in plan.finished_tasks:
+            self.store.registry.task_finished(sub)  # a finished task snapshots no more
         self._pending[checkpoint_id] = pending
         pending.timer = loop.call_later(self.config.timeout, self._expire, checkpoint_id)
         log.debug("triggering %s %d on %s", "savepoint" if options.is_savepoint else "checkpoint", checkpoint_id,
@@ -253,11 +262,8 @@ class CheckpointCoordinator:
         for sub in plan.tasks_to_trigger:
             if not self._tasks[sub].trigger_checkpoint(checkpoint_id, options):
                 # Rule B7: the task finished between planning and triggering.
-                self._abort(
-                    pending,
-                    CheckpointFailureReason.TASK_CHECKPOINT_FAILURE,
-                    f"task {sub} received a checkpoint request after it finished",
-                )
+                message = f"task {sub} received a checkpoint request after it finished"
+                self.report_trigger_failure(sub, checkpoint_id, message)
                 break
         if not plan.tasks_to_wait_for and not pending.future.done():
             self._spawn_finalize(pending)
@@ -329,14 +335,38 @@ class CheckpointCoordinator:
             # removed the others, so they go now (Flink's discardSubtaskState).
             writer = self._aborted_writers.get(checkpoint_id)
             if writer is not None and (snapshot.keyed or snapshot.operator):
-                self._spawn(asyncio.to_thread(self._discard_late, writer, snapshot), f"discard-{checkpoint_id}")
+                self._spawn(asyncio.to_thread(discard_late, writer, snapshot), f"discard-{checkpoint_id}")
             return
         if sub not in pending.plan.tasks_to_wait_for or sub in pending.acks:
             log.warning("unexpected acknowledgement of checkpoint %d from %s", checkpoint_id, sub)
             return
         pending.acks[sub] = snapshot
+        if not pending.options.is_savepoint:  # savepoints reference no shared file and build on nothing
+            self.store.registry.acknowledged(
+                checkpoint_id, sub, snapshot.streams(), incremental=snapshot.incremental, based_on=snapshot.based_on
+            )
         if len(pending.acks) == len(pending.plan.tasks_to_wait_for):
             self._spawn_finalize(pending)
+
+    def report_trigger_failure(self, sub: SubtaskId, checkpoint_id: int, message: str) -> None:
+        """Rule B7: a triggered task no longer ran when the trigger arrived (it had just finished; a remote
+        executor learns that a round trip late): abort that checkpoint, uncounted. The next trigger plans
+        from fresh statuses: periodic checkpoints simply go on, a final checkpoint is retried soon, and a
+        stop-with-savepoint is triggered again (:meth:`stop_with_savepoint`).
+
+        The tasks of an aborted *synchronous* savepoint are not told here: a task told fails over (rule
+        G4), while one left alone simply takes the retried savepoint (a newer synchronous savepoint
+        replaces the one it waits for, and its sinks commit every pending transaction up to the retry's id).
+        """
+        pending = self._pending.get(checkpoint_id)
+        if pending is not None and not pending.finalizing:
+            self._refused[checkpoint_id] = sub
+            for old in [c for c in self._refused if c < checkpoint_id - _ABORTED_KEPT]:
+                del self._refused[old]
+            notify = not pending.options.synchronous
+            if not notify:
+                self._unnotified_sync[checkpoint_id] = pending.plan.tasks_to_commit_to
+            self._abort(pending, CheckpointFailureReason.TASK_CHECKPOINT_FAILURE, message, notify=notify)
 
     def decline(self, sub: SubtaskId, checkpoint_id: int, error: BaseException) -> None:
         pending = self._pending.get(checkpoint_id)
@@ -359,47 +389,10 @@ class CheckpointCoordinator:
 
     # --- completion ----------------------------------------------------------------------------------
 
-    def _build_metadata(self, pending: _Pending) -> CheckpointMetadata:
-        plan = pending.plan
-        on_restore = {sub.uid for sub, snap in pending.acks.items() if snap.finished_on_restore}
-        fully = plan.fully_finished_operators | on_restore
-        partly = {sub.uid for sub in plan.finished_tasks} - fully
-        finished_reports = Counter(sub.uid for sub, snap in pending.acks.items() if snap.finished_operators)
-        operators: list[OperatorState] = []
-        for op in self.topology.operators:
-            max_p = op.effective_max_parallelism
-            if op.uid in fully:
-                operators.append(OperatorState(op.uid, op.parallelism, max_p, op.inputs, fully_finished=True))
-                continue
-            subtasks: list[SubtaskState] = []
-            for index in range(op.parallelism):
-                sub = SubtaskId(op.uid, index)
-                if sub in plan.finished_tasks:
-                    subtasks.append(SubtaskState(index, finished=True))
-                    continue
-                snap = pending.acks.get(sub)
-                if snap is not None and (snap.keyed or snap.operator):
-                    subtasks.append(SubtaskState(index, keyed=snap.keyed, operator=snap.operator))
-            state = OperatorState(op.uid, op.parallelism, max_p, op.inputs, False, tuple(subtasks))
-            if state.uses_union_state():
-                if op.uid in partly:
-                    raise PartialFinishingNotSupportedError(
-                        f"The vertex {op.uid} (id = {op.uid}) has used UnionListState, but part of its tasks are "
-                        "FINISHED."
-                    )
-                if 0 < finished_reports[op.uid] != op.parallelism:
-                    raise PartialFinishingNotSupportedError(
-                        f"The vertex {op.uid} (id = {op.uid}) has used UnionListState, but part of its tasks has "
-                        "called operators' finish method."
-                    )
-            operators.append(state)
-        kind = CheckpointKind.SAVEPOINT if pending.options.is_savepoint else CheckpointKind.CHECKPOINT
-        properties = CheckpointProperties(pending.options.synchronous, pending.options.drain)
-        return CheckpointMetadata(
-            pending.checkpoint_id, self.job_id, kind, pending.timestamp, tuple(operators), properties
-        )
+    def _build_metadata(self, pending: PendingCheckpoint) -> CheckpointMetadata:
+        return build_metadata(self.job_id, self.topology, pending)
 
-    async def _finalize(self, pending: _Pending) -> None:
+    async def _finalize(self, pending: PendingCheckpoint) -> None:
         pending.finalizing = True
         try:
             metadata = self._build_metadata(pending)
@@ -407,7 +400,7 @@ class CheckpointCoordinator:
             self._abort(pending, CheckpointFailureReason.CHECKPOINT_DECLINED_TASK_CLOSING, str(exc))
             return
         try:
-            completed = await asyncio.to_thread(self._commit, pending, metadata)
+            completed = await asyncio.to_thread(commit_metadata, pending, metadata)
         except CommitOutcomeUnknownError as exc:
             resolved = await self._resolve_unknown_commit(pending, metadata, exc)
             if resolved is None:
@@ -431,9 +424,10 @@ class CheckpointCoordinator:
                     # A newer checkpoint completed first (concurrent checkpoints): this one is subsumed at
                     # once and never reported complete, so lower ids never commit after higher ones
                     # (rule H2). Flink aborts such a pending checkpoint as CHECKPOINT_SUBSUMED.
-                    await asyncio.to_thread(self._discard_quietly, completed)
+                    await asyncio.to_thread(self.store.discard_unretained, completed)
                     self._subsumed(pending, newest.checkpoint_id)
                     return
+                self.store.registry.completed_in_deployment()  # every running subtask reported its chain
                 await asyncio.to_thread(self.store.add, completed)
                 self.latest_checkpoint = completed
         self._failures = 0
@@ -467,13 +461,8 @@ class CheckpointCoordinator:
             if self._final_after is not None:
                 self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
 
-    @staticmethod
-    def _commit(pending: _Pending, metadata: CheckpointMetadata) -> CompletedCheckpoint:
-        faults.point("metadata.commit.before", checkpoint_id=pending.checkpoint_id)
-        return pending.writer.commit(metadata)
-
     async def _resolve_unknown_commit(
-        self, pending: _Pending, metadata: CheckpointMetadata, error: CommitOutcomeUnknownError
+        self, pending: PendingCheckpoint, metadata: CheckpointMetadata, error: CommitOutcomeUnknownError
     ) -> CompletedCheckpoint | None:
         """The ``_metadata`` write may or may not have landed. Commit the identical bytes again until
         the outcome is known (docs/format.md section 2): now complete, or found in place (ours), or
@@ -516,28 +505,7 @@ class CheckpointCoordinator:
         self._on_fatal(JobFailedError(message))
         return None
 
-    @staticmethod
-    def _abort_writer(writer: CheckpointWriter) -> None:
-        try:
-            writer.abort()
-        except (KeystateError, OSError) as exc:  # a full disk, say: the checkpoint is aborted all the same
-            log.warning("could not remove the files of aborted checkpoint %s: %s", writer.location, exc)
-
-    @staticmethod
-    def _discard_late(writer: CheckpointWriter, snapshot: SubtaskSnapshot) -> None:
-        handles = [h.stream for h in snapshot.keyed] + [h.stream for h in snapshot.operator]
-        try:
-            writer.discard(handles)
-        except KeystateError as exc:
-            log.warning("could not remove late state files of aborted checkpoint %s: %s", writer.location, exc)
-
-    def _discard_quietly(self, checkpoint: CompletedCheckpoint) -> None:
-        try:
-            self.storage.discard(checkpoint)
-        except KeystateError as exc:
-            log.warning("could not discard subsumed checkpoint %s: %s", checkpoint.location, exc)
-
-    def _subsumed(self, pending: _Pending, newer: int) -> None:
+    def _subsumed(self, pending: PendingCheckpoint, newer: int) -> None:
         """A committed checkpoint discarded because ``newer`` completed first: reported as failed."""
         message = f"checkpoint {pending.checkpoint_id} completed after checkpoint {newer} and is subsumed"
         log.info("%s", message)
@@ -552,20 +520,23 @@ class CheckpointCoordinator:
             if self._final_after is not None:
                 self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
 
-    def _abort(self, pending: _Pending, reason: CheckpointFailureReason, message: str) -> None:
+    def _abort(
+        self, pending: PendingCheckpoint, reason: CheckpointFailureReason, message: str, *, notify: bool = True
+    ) -> None:
         if self._pending.pop(pending.checkpoint_id, None) is None:
             return
         if pending.timer is not None:
             pending.timer.cancel()
         log.info("checkpoint %d aborted (%s): %s", pending.checkpoint_id, reason.value, message)
+        self.store.registry.pending_ended(pending.checkpoint_id)
         self._aborted_writers[pending.checkpoint_id] = pending.writer
         while len(self._aborted_writers) > _ABORTED_KEPT:
             del self._aborted_writers[next(iter(self._aborted_writers))]
-        for sub in sorted(pending.plan.tasks_to_commit_to):
+        for sub in sorted(pending.plan.tasks_to_commit_to) if notify else ():
             task = self._tasks.get(sub)
             if task is not None:
                 task.notify_checkpoint_aborted(pending.checkpoint_id)
-        self._spawn(asyncio.to_thread(self._abort_writer, pending.writer), f"abort-{pending.checkpoint_id}")
+        self._spawn(asyncio.to_thread(abort_writer, pending.writer), f"abort-{pending.checkpoint_id}")
         for listener in self.failure_listeners:
             listener(pending.checkpoint_id, reason, message)
         if not pending.future.done():
@@ -607,8 +578,46 @@ class CheckpointCoordinator:
         self._periodic_stopped = True
         while self._pending:
             await asyncio.gather(*(p.future for p in list(self._pending.values())), return_exceptions=True)
-        try:
-            return await self.trigger(CheckpointOptions(CheckpointKind.SAVEPOINT, synchronous=True, drain=drain))
-        except CheckpointFailedError as exc:
-            self._periodic_stopped = False
-            raise StopWithSavepointError(f"Stop-with-savepoint failed: {exc}") from exc
+        options = CheckpointOptions(CheckpointKind.SAVEPOINT, synchronous=True, drain=drain)
+        retries = 0
+        while True:
+            first_id = self._next_id
+            try:
+                savepoint = await self.trigger(options)
+            except CheckpointFailedError as exc:
+                refused = self._refused_since(first_id)
+                race = exc.reason is CheckpointFailureReason.TASK_CHECKPOINT_FAILURE and refused is not None
+                if race and refused is not None and retries < _RACE_RETRIES and self._tasks:
+                    # Only the race of rule B7: plan again once the refusing task's FINISHED is known.
+                    retries += 1
+                    log.info("stop-with-savepoint: %s; triggering it again (%d of %d)", exc, retries, _RACE_RETRIES)
+                    await self._settle_status(refused)
+                    continue
+                self._periodic_stopped = False
+                self._notify_unnotified_sync()
+                raise StopWithSavepointError(f"Stop-with-savepoint failed: {exc}") from exc
+            self._unnotified_sync.clear()  # their tasks took this one
+            return savepoint
+
+    def _refused_since(self, first_id: int) -> SubtaskId | None:
+        """The task that refused a trigger of a checkpoint with id >= ``first_id`` (rule B7), if any."""
+        refused = [sub for cid, sub in sorted(self._refused.items()) if cid >= first_id]
+        return refused[-1] if refused else None
+
+    async def _settle_status(self, sub: SubtaskId) -> None:
+        """Wait (a little) until ``sub`` is no longer seen running: the next plan must not trigger it again."""
+        for _ in range(int(_RACE_SETTLE / 0.01)):
+            task = self._tasks.get(sub)
+            if task is None or task.status is not SubtaskStatus.RUNNING:
+                return
+            await asyncio.sleep(0.01)
+
+    def _notify_unnotified_sync(self) -> None:
+        """The stop-with-savepoint gave up: tell the tasks of the synchronous savepoints the race aborted
+        (they fail over, rule G4, instead of waiting for a savepoint that will never complete)."""
+        for checkpoint_id, subtasks in sorted(self._unnotified_sync.items()):
+            for sub in sorted(subtasks):
+                task = self._tasks.get(sub)
+                if task is not None:
+                    task.notify_checkpoint_aborted(checkpoint_id)
+        self._unnotified_sync.clear()

@@ -20,7 +20,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keystate.runtime.config import CheckpointConfig, JobConfig
 from keystate.runtime.execution import submit
@@ -34,6 +34,9 @@ from keystate.storage.base import ObjectStore, join_key
 from keystate.storage.checkpoints import CompletedCheckpoint
 from keystate.storage.format.metadata import OperatorStatus
 from keystate.storage.uri import open_storage
+
+if TYPE_CHECKING:
+    from keystate.runtime.executor import Executor
 
 __all__ = ["build_demo_job", "run_demo"]
 
@@ -101,9 +104,14 @@ def _describe(checkpoint: CompletedCheckpoint) -> str:
             parts.append(f"{op.uid}: finished")
         elif op.status is OperatorStatus.PARTIALLY_FINISHED:
             parts.append(f"{op.uid}: finished {op.finished_subtasks}")
-    state = checkpoint.metadata.total_state_bytes
+    metadata = checkpoint.metadata
+    written, full = metadata.incremental_state_bytes, metadata.full_state_bytes
+    took = f" in {metadata.statistics.duration_ms} ms" if metadata.statistics is not None else ""
     finished = "; ".join(parts) if parts else "all running"
-    return f"{checkpoint.kind} {checkpoint.checkpoint_id} complete, {_count(state, 'state byte')}, {finished}"
+    return (
+        f"{checkpoint.kind} {checkpoint.checkpoint_id} complete{took}, wrote {written:,} of "
+        f"{_count(full, 'state byte')}{' (incremental)' if metadata.is_incremental else ''}, {finished}"
+    )
 
 
 def _count(n: int, noun: str) -> str:
@@ -122,13 +130,26 @@ def _committed(store: ObjectStore, prefix: str) -> tuple[int, int]:
 
 
 async def run_demo(
-    location: str, *, duration: float | None, out: Callable[[str], None] = print, interval: float = 0.3
+    location: str,
+    *,
+    duration: float | None,
+    out: Callable[[str], None] = print,
+    interval: float = 0.3,
+    executor: Executor | None = None,
 ) -> CompletedCheckpoint:
     """Run the demo until ``duration`` seconds passed (``None``: until Ctrl-C), then stop it with a
-    drained savepoint. Returns the savepoint."""
+    drained savepoint. Returns the savepoint.
+
+    Checkpoints are incremental (LMDB keyed state: each writes only the keys changed since the last
+    one, under ``<job_id>/shared/``); the savepoint is full and self-contained.
+
+    Args:
+        executor: where the tasks run (``None``: in this process; ``keystate.runtime.ray.RayExecutor``: on Ray).
+    """
     storage = open_storage(location)
     output = f"{storage.location.rstrip('/')}/output"
-    config = JobConfig(checkpoint=CheckpointConfig(interval=interval, storage=location, num_retained=2))
+    checkpoints = CheckpointConfig(interval=interval, storage=location, num_retained=2, incremental=True)
+    config = JobConfig(checkpoint=checkpoints, executor=executor)
     client = submit(build_demo_job(output), config)
     out(f"keystate demo: job {client.job_id}")
     out(f"  checkpoints every {interval * 1000:.0f} ms to {storage.location}/{client.job_id}/")
@@ -139,11 +160,16 @@ async def run_demo(
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread, or no signals
         loop.add_signal_handler(signal.SIGINT, stop.set)
-    started = time.monotonic()
     try:
         waiter = asyncio.ensure_future(client.wait())
         stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({waiter, stopper}, timeout=duration, return_when=asyncio.FIRST_COMPLETED)
+        # The duration counts from deployment: on Ray, starting the cluster and the actors takes seconds.
+        deployed = asyncio.ensure_future(client.wait_deployed())
+        await asyncio.wait({deployed, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        deployed.cancel()
+        started = time.monotonic()
+        if not stopper.done():
+            await asyncio.wait({waiter, stopper}, timeout=duration, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         if waiter.done():
             result = waiter.result()

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from keystate.runtime import faults
 from keystate.runtime.channels import InputGate
-from keystate.runtime.coordinator import SubtaskSnapshot
+from keystate.runtime.checkpoint_protocol import SubtaskSnapshot, TaskCoordinator
+from keystate.runtime.config import CheckpointConfig
 from keystate.runtime.errors import StopWithSavepointError, TaskFailedError
 from keystate.runtime.events import (
     END_OF_PARTITION,
@@ -38,16 +40,15 @@ from keystate.runtime.operators import KeyedProcessOperator, Operator, OperatorC
 from keystate.runtime.output import Output
 from keystate.runtime.plan import SubtaskId, SubtaskStatus
 from keystate.runtime.sources import SourceOperator
+from keystate.runtime.task_snapshot import ms, write_and_acknowledge
 from keystate.statebackend.backends import StateBackend
 from keystate.statebackend.operator_state import OperatorSnapshot
-from keystate.statebackend.state import KeyedSnapshot, KeyedStateBackend
-from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
-from keystate.storage.errors import KeystateError
+from keystate.statebackend.state import KeyedSnapshot, KeyedStateBackend, SnapshotOptions
+from keystate.storage.checkpoints import CompletedCheckpoint
 from keystate.storage.format.keygroups import key_group_range_for_subtask
 from keystate.storage.format.metadata import KeyedStateHandle, OperatorStateHandle
 
 if TYPE_CHECKING:
-    from keystate.runtime.coordinator import CheckpointCoordinator
     from keystate.runtime.graph import OperatorSpec
 
 __all__ = ["Task", "TaskRestore", "TaskState"]
@@ -97,13 +98,14 @@ class Task:
         gate: InputGate | None,
         output: Output,
         wakeup: asyncio.Event,
-        coordinator: CheckpointCoordinator,
+        coordinator: TaskCoordinator,
         state_backend: StateBackend,
         max_parallelism: int,
         restore: TaskRestore | None,
         wait_for_final_checkpoint: bool,
         batch_size: int,
         checkpointing: bool = True,
+        checkpoint_config: CheckpointConfig | None = None,
     ) -> None:
         self.spec = spec
         self.id = SubtaskId(spec.uid, index)
@@ -118,6 +120,8 @@ class Task:
         self._restore = restore
         self._wait_final = wait_for_final_checkpoint
         self._checkpointing = checkpointing
+        self._checkpoint_config = checkpoint_config or CheckpointConfig()
+        self._snapshot_options = SnapshotOptions()  # incremental or not once the keyed backend exists
         self._batch_size = batch_size
         self._finished_on_restore = restore is not None and restore.finished_on_restore
         self.state = TaskState.CREATED
@@ -132,6 +136,7 @@ class Task:
         self._aligning: int | None = None
         self._aligning_options = CheckpointOptions()
         self._aligned: set[int] = set()
+        self._alignment_started = 0.0  # time.perf_counter() at the first barrier of the alignment
         self._last_checkpoint = restore.checkpoint.checkpoint_id if restore else 0
         self._last_notified = self._last_checkpoint
         self._aborted: set[int] = set()
@@ -218,6 +223,11 @@ class Task:
                 key_groups=key_group_range_for_subtask(self._max_parallelism, spec.parallelism, index),
                 key_serializer=spec.key_serializer,
             )
+            config = self._checkpoint_config
+            incremental = config.incremental
+            if incremental is None:  # the backend's default: LMDB incremental, heap full
+                incremental = self._keyed.incremental_default
+            self._snapshot_options = SnapshotOptions(incremental, config.max_chain_length, config.max_delta_ratio)
         if restore is not None and not self._finished_on_restore:
             checkpoint = restore.checkpoint
             if self._keyed is not None and restore.keyed:
@@ -405,6 +415,7 @@ class Task:
             self._aligning = checkpoint_id
             self._aligning_options = barrier.options
             self._aligned = set()
+            self._alignment_started = time.perf_counter()
         assert self._gate is not None
         self._gate.blocked[channel] = True
         self._aligned.add(channel)
@@ -422,8 +433,9 @@ class Task:
             return
         if all(c in self._aligned or not gate.live(c) for c in range(len(gate.receivers))):
             checkpoint_id, options = self._aligning, self._aligning_options
+            alignment = time.perf_counter() - self._alignment_started
             self._cancel_alignment()
-            await self._perform_checkpoint(checkpoint_id, options)
+            await self._perform_checkpoint(checkpoint_id, options, alignment)
 
     # --- the mailbox ---------------------------------------------------------------------------------
 
@@ -455,6 +467,8 @@ class Task:
             return
         self._last_notified = checkpoint_id
         faults.point("notify.complete", uid=self.id.uid, index=self.id.index, checkpoint_id=checkpoint_id)
+        if self._keyed is not None:
+            self._keyed.notify_checkpoint_complete(checkpoint_id)  # confirms an incremental chain
         if self._opened and self._operator is not None:
             await self._operator.notify_checkpoint_complete(checkpoint_id)
         sync = self._sync_savepoint_id
@@ -469,14 +483,17 @@ class Task:
             self._cancel_alignment()
         if checkpoint_id == self._sync_savepoint_id:
             raise StopWithSavepointError("Stop-with-savepoint failed.")  # rule G4: fail over
+        if self._keyed is not None:
+            self._keyed.notify_checkpoint_aborted(checkpoint_id)
         if self._opened and self._operator is not None:
             await self._operator.notify_checkpoint_aborted(checkpoint_id)
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
-    async def _perform_checkpoint(self, checkpoint_id: int, options: CheckpointOptions) -> None:
+    async def _perform_checkpoint(self, checkpoint_id: int, options: CheckpointOptions, alignment: float = 0.0) -> None:
         if checkpoint_id <= self._last_checkpoint:
             return
+        started = time.perf_counter()
         self._last_checkpoint = checkpoint_id
         if self._end_of_data_sent and self._final_min_id is None:
             self._final_min_id = checkpoint_id
@@ -491,62 +508,30 @@ class Task:
         await operator.prepare_snapshot_pre_barrier(checkpoint_id)
         await operator.snapshot_state(checkpoint_id)
         faults.point("snapshot.sync", uid=self.id.uid, index=self.id.index, checkpoint_id=checkpoint_id)
-        keyed = self._keyed.snapshot() if self._keyed is not None else None  # synchronous part: O(1)
+        # Savepoints are full and self-contained, and leave the incremental chain alone.
+        snapshot_options = SnapshotOptions() if options.is_savepoint else self._snapshot_options
+        keyed = None
+        if self._keyed is not None:  # synchronous part: O(1)
+            keyed = self._keyed.snapshot(checkpoint_id, snapshot_options)
         ops = self._operator_backend.snapshot()
-        finished = self._operators_finished
+        ack = SubtaskSnapshot(
+            finished_operators=self._operators_finished,
+            incremental=keyed is not None and snapshot_options.incremental,
+            based_on=None if keyed is None else keyed.based_on,
+            alignment_duration_ms=ms(alignment),
+        )
         await self._output.broadcast(Barrier(checkpoint_id, options))
+        ack = replace(ack, sync_duration_ms=ms(time.perf_counter() - started))
         part = asyncio.get_running_loop().create_task(
-            self._async_part(checkpoint_id, keyed, ops, finished), name=f"{self.name}-snapshot-{checkpoint_id}"
+            self._async_part(checkpoint_id, keyed, ops, ack), name=f"{self.name}-snapshot-{checkpoint_id}"
         )
         self._async_parts.add(part)
         part.add_done_callback(self._async_parts.discard)
 
     async def _async_part(
-        self, checkpoint_id: int, keyed: KeyedSnapshot | None, ops: OperatorSnapshot, finished: bool
+        self, checkpoint_id: int, keyed: KeyedSnapshot | None, ops: OperatorSnapshot, ack: SubtaskSnapshot
     ) -> None:
-        writer = self._coordinator.writer_for(checkpoint_id)
-        if writer is None:
-            if keyed is not None:
-                keyed.release()
-            return
-        try:
-            keyed_handle, op_handle = await asyncio.to_thread(self._write_snapshot, writer, keyed, ops)
-        except Exception as exc:
-            log.warning("task %s: snapshot for checkpoint %d failed: %s", self.name, checkpoint_id, exc)
-            self._coordinator.decline(self.id, checkpoint_id, exc)
-            return
-        snapshot = SubtaskSnapshot(
-            keyed=() if keyed_handle is None else (keyed_handle,),
-            operator=() if op_handle is None else (op_handle,),
-            finished_operators=finished,
-        )
-        self._coordinator.acknowledge(self.id, checkpoint_id, snapshot)
-
-    def _write_snapshot(
-        self, writer: CheckpointWriter, keyed: KeyedSnapshot | None, ops: OperatorSnapshot
-    ) -> tuple[KeyedStateHandle | None, OperatorStateHandle | None]:
-        hint = f"{self.spec.uid}/{self.id.index}"
-        context = {"uid": self.id.uid, "index": self.id.index, "checkpoint_id": writer.checkpoint_id}
-        try:
-            faults.point("snapshot.async", **context)
-            keyed_handle = keyed.write(writer, f"{hint}/keyed") if keyed is not None else None
-        finally:
-            if keyed is not None:
-                keyed.release()
-        op_handle: OperatorStateHandle | None = None
-        try:
-            op_handle = ops.write(writer, f"{hint}/operator")
-            faults.point("snapshot.async.done", **context)
-        except BaseException:
-            # The checkpoint will never use what this snapshot wrote; if it was aborted meanwhile,
-            # nobody else removes these files any more.
-            written = [h.stream for h in (keyed_handle, op_handle) if h is not None]
-            try:
-                writer.discard(written)
-            except KeystateError as exc:
-                log.warning("task %s: could not remove state files of a failed snapshot: %s", self.name, exc)
-            raise
-        return keyed_handle, op_handle
+        await write_and_acknowledge(self._coordinator, self.id, checkpoint_id, keyed, ops, ack)
 
     # --- finishing -----------------------------------------------------------------------------------
 

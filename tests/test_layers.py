@@ -32,7 +32,8 @@ FORMAT_FORBIDDEN_STDLIB = {
     "tempfile", "threading", "urllib",
 }  # fmt: skip
 OBJECT_STORES = {
-    f"keystate.storage.{name}" for name in ("base", "_local", "_s3", "_memory", "retry", "faults", "s3faults")
+    f"keystate.storage.{name}"
+    for name in ("base", "_local", "_local_writer", "_s3", "_memory", "retry", "faults", "s3faults")
 }
 BOTO_MODULES = {"keystate.storage._s3", "keystate.storage.s3faults"}
 

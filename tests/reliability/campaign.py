@@ -47,10 +47,12 @@ CHILD_TIMEOUT = 30.0
 
 RUNTIME_POINTS = tuple(sorted(faults.POINTS))
 LOCAL_STORE_POINTS = ("store.metadata.mid-write", "store.state.mid-write", "store.state.before-complete",
-                      "store.sink.mid-commit")  # fmt: skip
+                      "store.sink.mid-commit", "store.subsume.metadata-delete",
+                      "store.subsume.shared-delete")  # fmt: skip
 S3_POINTS = ("s3.metadata.in-flight", "s3.multipart.in-flight")
 NTH = {"snapshot.async": 14, "snapshot.async.done": 14, "snapshot.sync": 14, "store.state.mid-write": 8,
-       "store.state.before-complete": 8, "sink.commit.before": 6, "sink.commit.after": 6}  # fmt: skip
+       "store.state.before-complete": 8, "sink.commit.before": 6, "sink.commit.after": 6,
+       "store.subsume.metadata-delete": 5, "store.subsume.shared-delete": 5}  # fmt: skip
 """The largest ``--nth`` drawn per point (others: 3); points hit many times per checkpoint get more."""
 
 
@@ -101,6 +103,8 @@ class Outcome:
     checkpoints_verified: int = 0
     verified: set[str] = field(default_factory=set)
     """Checkpoint directories already verified (a completed checkpoint never changes)."""
+    shared_refs: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Per completed checkpoint directory: the shared files (keys) it references."""
     completed: bool = False
     violations: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -209,14 +213,43 @@ def check_storage(root: str, outcome: Outcome, endpoint: str | None) -> Complete
             checkpoint = storage.load(directory)
             for handle in checkpoint.metadata.handles():
                 checkpoint.open_state(handle).verify()
+            outcome.shared_refs[directory] = frozenset(
+                key for h in checkpoint.metadata.handles() if (key := checkpoint.state_key(h)) and "/shared/" in key
+            )
         except KeystateError as exc:
             outcome.violate(f"completed checkpoint {directory} is unreadable: {exc}")
         outcome.checkpoints_verified += 1
+    # Verified once, but its shared files must stay as long as the checkpoint does (later runs delete others).
+    shared = shared_files(storage)
+    for directory in sorted(listed):
+        lost = outcome.shared_refs.get(directory, frozenset()) - shared
+        if lost:
+            outcome.violate(f"completed checkpoint {directory} lost shared files {sorted(lost)[:3]}")
     try:
         return storage.latest()
     except KeystateError as exc:
         outcome.violate(f"latest() failed: {exc}")
         return None
+
+
+def shared_files(storage: Any) -> set[str]:
+    """Keys of every file under the job's ``shared/`` directory."""
+    return {info.key for info in storage.store.list_objects(f"{storage.base}/{job_child.JOB_ID}/shared".lstrip("/"))}
+
+
+def check_shared_exact(root: str, outcome: Outcome, endpoint: str | None) -> None:
+    """When the job ended: storage holds exactly the shared files its completed checkpoints reference
+    (orphans of killed runs were removed when the next run started, subsumed ones once unneeded)."""
+    storage = open_storage(root, endpoint_url=endpoint)
+    listed = [p.directory for p in storage.discover() if p.kind is CheckpointKind.CHECKPOINT]
+    wanted: set[str] = set()
+    for directory in listed:
+        checkpoint = storage.load(directory)
+        wanted |= {key for h in checkpoint.metadata.handles() if (key := checkpoint.state_key(h)) and "/shared/" in key}
+    found = shared_files(storage)
+    if found != wanted:
+        outcome.violate(f"at the end, shared files not referenced {sorted(found - wanted)[:3]} "
+                        f"({len(found - wanted)}), referenced but missing {sorted(wanted - found)[:3]}")  # fmt: skip
 
 
 def committed(out: str, endpoint: str | None) -> list[list[Any]]:
@@ -345,5 +378,9 @@ def run_campaign(plan: Plan, workdir: Path, *, endpoint: str | None = None, buck
         outcome.violate("the job never completed")
     else:
         check_final(root, out, outcome, s3_endpoint)
+        try:
+            check_shared_exact(root, outcome, s3_endpoint)
+        except KeystateError as exc:
+            outcome.violate(f"the final check of shared files failed: {exc}")
     outcome.seconds = time.monotonic() - started
     return outcome

@@ -72,6 +72,9 @@ STORAGE_POINTS = {
     "store.state.mid-write": "half of a state-file chunk is written, then SIGKILL",
     "store.state.before-complete": "a state file is fully written but not completed (linked / multipart completed)",
     "store.sink.mid-commit": "the sink's committed object is half written, then SIGKILL",
+    "store.subsume.metadata-delete": "retention is about to delete a subsumed checkpoint's _metadata, then SIGKILL",
+    "store.subsume.shared-delete": "the shared-state registry is about to delete shared files nothing needs "
+    "(subsumed, or orphans at a restart), then SIGKILL",
     "s3.metadata.in-flight": "SIGKILL while the _metadata PUT is about to be sent (S3 only)",
     "s3.multipart.in-flight": "SIGKILL while an UploadPart of a multipart state upload is in flight (S3 only)",
 }
@@ -149,9 +152,12 @@ class _Stores:
             "store.state.mid-write": (False, "write", "*.ksf"),
             "store.state.before-complete": (False, "close", "*.ksf"),
             "store.sink.mid-commit": (True, "put", "*/out/[!_]*.jsonl"),
+            "store.subsume.metadata-delete": (False, "delete", "*/chk-*/_metadata"),
+            "store.subsume.shared-delete": (False, "delete_many", "*/shared/*"),
         }.get(self.kill or "")
         if crash is not None and crash[0] == sink:
-            rules.append(FaultRule(Fault.CRASH, crash[1], key=crash[2], mode=PutMode.CREATE, after=self.nth - 1))
+            mode = PutMode.CREATE if crash[1] in ("put", "write", "close") else None
+            rules.append(FaultRule(Fault.CRASH, crash[1], key=crash[2], mode=mode, after=self.nth - 1))
         if self.flaky:
             ops = frozenset({"get", "get_range", "size", "exists", "put", "write", "close", "delete", "list_dirs"})
             for fault in (Fault.THROTTLE, Fault.INTERNAL_ERROR, Fault.TIMEOUT_AFTER_WRITE):
@@ -189,6 +195,8 @@ async def main_async(args: argparse.Namespace) -> int:
             interval=INTERVAL,
             storage=args.root,
             num_retained=2,
+            incremental=True,  # LMDB's default too; chains of at most 3 deltas, so bases are rewritten often
+            max_chain_length=3,
             inline_threshold=args.inline,
             timeout=10.0,
             tolerable_failed_checkpoints=1_000,

@@ -5,7 +5,11 @@ After every kill: every completed checkpoint and savepoint verifies, discovery l
 complete ones, the restarted job restores the latest of them, and the committed output holds no
 duplicate. At the end the two-phase-commit sink's output is exactly the expected one, with running
 counts per key of 1, 2, 3, ... Campaigns run on local disk and on moto's S3 server, with kills in the
-middle of a ``_metadata`` write and of a multipart upload among them.
+middle of a ``_metadata`` write and of a multipart upload among them. Checkpoints are incremental
+(LMDB, chains of at most 3 deltas): kills also land while retention subsumes (before a subsumed
+``_metadata`` is deleted, before the shared-state registry deletes shared files); no shared file a
+completed checkpoint references may ever go missing, and at the end storage holds exactly the shared
+files the completed checkpoints reference (orphans of killed runs are removed when the next run starts).
 
 Reproduce a run from the seed printed at the start (shown on failure):
 ``KEYSTATE_CRASH_SEED=<seed> pytest tests/reliability/test_crash_campaigns.py``. The seed fixes the
@@ -40,13 +44,14 @@ def plans(seed: int) -> list[Plan]:
     def s() -> int:
         return rng.randrange(1 << 30)
 
-    s3_points = RUNTIME_POINTS + S3_POINTS + ("store.metadata.mid-write", "store.state.mid-write")
+    s3_points = RUNTIME_POINTS + S3_POINTS + ("store.metadata.mid-write", "store.state.mid-write",
+                                              "store.subsume.shared-delete")  # fmt: skip
     return [
         Plan(s(), kills=5, forced=("store.metadata.mid-write", "metadata.commit.after")),
         Plan(s(), kills=5, forced=("metadata.commit.before", "sink.commit.after")),
         Plan(s(), kills=5, forced=("store.sink.mid-commit", "snapshot.async")),
-        Plan(s(), kills=5),
-        Plan(s(), kills=5),
+        Plan(s(), kills=5, forced=("store.subsume.metadata-delete", "store.subsume.shared-delete")),
+        Plan(s(), kills=5, forced=("store.subsume.shared-delete", "snapshot.async.done")),
         Plan(s(), kills=5, flaky=0.03),
         Plan(s(), kills=5, mode="savepoint", forced=("notify.complete",)),
         Plan(s(), kills=5, mode="savepoint", forced=("store.metadata.mid-write",)),
@@ -57,7 +62,7 @@ def plans(seed: int) -> list[Plan]:
             s3=True,
             inline=4096,
             points=s3_points,
-            forced=("s3.metadata.in-flight", "store.metadata.mid-write"),
+            forced=("s3.metadata.in-flight", "store.metadata.mid-write", "store.subsume.shared-delete"),
         ),
         Plan(
             s(),

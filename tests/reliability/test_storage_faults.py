@@ -115,6 +115,9 @@ def config(
             tolerable_failed_checkpoints=tolerable,
             num_retained=20,
             inline_threshold=256,  # real state files, so state uploads can fail
+            # Full snapshots, so every state file of checkpoint 3 lies under chk-3/ where the fault rules
+            # match it; the incremental path (under shared/) is tested by the crash campaigns and test_e2e_incremental.
+            incremental=False,
             wrap_store=wrap,
             retry=retry,
             endpoint_url=endpoint,

@@ -25,13 +25,15 @@ from tests.runtime.e2e_support import (
     Completed,
     EventLog,
     Flag,
+    HeldSource,
     MixedSource,
     RecordingFileSink,
+    RunningCount,
     job_config,
     run,
     wait_for,
 )
-from tests.runtime.test_e2e_coordinator import SlowSnapshot, _job, _patch_failure
+from tests.runtime.test_e2e_coordinator import SlowSnapshot, _patch_failure
 from tests.small_disk import small_tmpfs, temp_files
 
 NEVER_RETRIEVED = "exception was never retrieved"
@@ -57,17 +59,41 @@ def _never_retrieved(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if NEVER_RETRIEVED in r.getMessage()]
 
 
+FAILING = 3
+"""The checkpoint whose sink stream fails, so that it is aborted."""
+
+
+def _held_job(out: Path, release: Flag) -> JobGraph:
+    """Source -> forward -> keyed count -> sink; the source's 300 records end only once ``release`` is set."""
+    job = JobGraph("disk-full-abort")
+    source = job.source(HeldSource([300], release, rates=[800.0]), uid="source", parallelism=1)
+    forward = source.transform(SlowSnapshot(0.0), uid="slow", parallelism=1)
+    forward.key_by(lambda r: r[1] % 4).process(RunningCount(), uid="count", parallelism=2).sink(
+        RecordingFileSink(str(out), EventLog()), uid="sink"
+    )
+    return job
+
+
 @pytest.mark.parametrize("error", ["oserror", "storage-error"])
 def test_an_abort_that_fails_is_logged_once_as_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: str
 ) -> None:
     """Regression: the abort ran in ``asyncio.to_thread`` in a task nobody awaited; the ENOSPC the local
-    writer's close raised then (an OSError) was printed by asyncio when the task was collected."""
-    _patch_failure(monkeypatch, "stream", 3, Flag())  # checkpoint 3 fails, and is aborted
+    writer's close raised then (an OSError) was printed by asyncio when the task was collected.
+
+    The source holds its end until checkpoint 3 has been aborted: a paced source alone catches up after
+    a stall of the event loop (a loaded machine), and the job then finished before checkpoint 3 was
+    triggered, with nothing aborted.
+    """
+    injected = Flag()
+    _patch_failure(monkeypatch, "stream", FAILING, injected)  # checkpoint 3 fails, and is aborted
     aborts = Flag()
+    aborted_failing = Flag()  # set once checkpoint 3's abort ran: then the source may end
 
     def abort(self: CheckpointWriter) -> None:
         aborts.value += 1
+        if self.checkpoint_id == FAILING:
+            aborted_failing.value = 1
         if error == "oserror":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise StorageError(f"cannot delete {self.location}: no space left on device; free disk space")
@@ -76,12 +102,14 @@ def test_an_abort_that_fails_is_logged_once_as_a_warning(
 
     async def scenario() -> JobStatus:
         config = job_config(tmp_path, interval=0.03, tolerable_failed_checkpoints=5)
-        client = submit(_job(tmp_path / "out", SlowSnapshot(0.0), [300], rate=800.0), config)
+        client = submit(_held_job(tmp_path / "out", aborted_failing), config)
         return (await client.wait()).status
 
     with caplog.at_level(logging.WARNING):
         assert run(scenario()) is JobStatus.FINISHED  # asyncio debug mode
         gc.collect()  # a task with an unretrieved exception reports it when collected
+    assert injected.value >= 1, "checkpoint 3's sink stream was never opened"
+    assert aborted_failing.value == 1
     assert aborts.value >= 1
     assert _never_retrieved(caplog) == []
     warnings = [r for r in caplog.records if "could not remove the files of aborted checkpoint" in r.getMessage()]

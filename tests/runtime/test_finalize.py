@@ -27,6 +27,7 @@ from keystate.storage.format.metadata import (
     CheckpointProperties,
     DistributionMode,
     OperatorState,
+    OperatorStatistics,
     OperatorStatus,
     SubtaskState,
 )
@@ -201,8 +202,10 @@ def test_fulfill_finished_states(storage: CheckpointStorage, loop: asyncio.Abstr
         OperatorState(
             "partly", 2, 128, (InputEdge("finished", Partitioning.FORWARD),),
             subtasks=(SubtaskState(0, finished=True), SubtaskState(1, keyed=(keyed,), operator=(op_state,))),
+            statistics=OperatorStatistics(0, 0, 0, acknowledged_subtasks=1),
         ),
     )  # fmt: skip
+    assert meta.statistics is not None
     assert [op.status for op in meta.operators] == [
         OperatorStatus.FULLY_FINISHED,
         OperatorStatus.FULLY_FINISHED,

@@ -21,6 +21,7 @@ from keystate.storage import (
     CommitConflictError,
     CommitFailedError,
     CommitOutcomeUnknownError,
+    CompletedCheckpoint,
     Compression,
     HandleScope,
     KeyedStateHandle,
@@ -127,15 +128,22 @@ class TestCheckpointWriting(CheckpointStorageContract):
         assert_readable(loaded, written)
         assert [p.directory for p in storage.discover("savepoints")] == [writer.directory]
 
-    def test_savepoint_metadata_naming_shared_state_is_refused_on_read(self, storage: CheckpointStorage) -> None:
+    def test_savepoint_metadata_naming_shared_state_is_refused(self, storage: CheckpointStorage) -> None:
         writer = storage.begin_savepoint(JOB, 1)
         handle = storage.begin_checkpoint(JOB, 1).open_stream("x", HandleScope.SHARED)
         handle.write(os.urandom(1000))
         shared = handle.close()
+        assert shared.scope is HandleScope.SHARED  # never inlined, however small
+        assert shared.written_by == 1
         op = OperatorState(
             "op", 1, 4, subtasks=(SubtaskState(0, keyed=(KeyedStateHandle(KeyGroupRange(0, 0), (8,), shared),)),)
         )
-        completed = writer.commit(CheckpointMetadata(1, JOB, CheckpointKind.SAVEPOINT, 1, (op,)))
+        with pytest.raises(MetadataError, match="savepoints must be self-contained"):
+            writer.commit(CheckpointMetadata(1, JOB, CheckpointKind.SAVEPOINT, 1, (op,)))
+        assert not storage.discover()
+        # A savepoint read from elsewhere that names shared state cannot open it either.
+        metadata = CheckpointMetadata(1, JOB, CheckpointKind.SAVEPOINT, 1, (op,))
+        completed = CompletedCheckpoint(storage, writer.directory, metadata)
         with pytest.raises(MetadataError, match="savepoints must be self-contained"):
             completed.open_state(shared)
 
