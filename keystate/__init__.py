@@ -15,6 +15,8 @@ cheap (the CLI's local paths never import boto3 or the runtime)::
     storage = keystate.open_storage("/var/checkpoints")     # or "s3://bucket/prefix"
     job = keystate.JobGraph("orders")
     result = asyncio.run(keystate.run_job(job, keystate.JobConfig()))
+    # the same job with every subtask in a Ray actor (pip install 'keystate[ray]'; docs/ray.md):
+    result = asyncio.run(keystate.run_job(job, keystate.JobConfig(executor=keystate.RayExecutor())))
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from keystate.runtime import CheckpointConfig, JobConfig, JobGraph, run_job, submit
+    from keystate.runtime.ray import RayExecutor
     from keystate.statebackend import HeapStateBackend, LmdbStateBackend
     from keystate.storage import CheckpointStorage, KeystateError, open_storage
 
@@ -42,6 +45,7 @@ _LAZY = {
     "CheckpointConfig": "keystate.runtime",
     "run_job": "keystate.runtime",
     "submit": "keystate.runtime",
+    "RayExecutor": "keystate.runtime.ray",  # importing it does not import Ray (that happens on first use)
 }
 
 __all__ = [
@@ -52,6 +56,7 @@ __all__ = [
     "JobGraph",
     "KeystateError",
     "LmdbStateBackend",
+    "RayExecutor",
     "__version__",
     "open_storage",
     "run_job",

@@ -34,6 +34,16 @@ if TYPE_CHECKING:
     )
     from keystate.runtime.events import MAX_WATERMARK, Barrier, CheckpointOptions, EndOfData, StopMode, Watermark
     from keystate.runtime.execution import JobClient, JobResult, JobStatus, load_checkpoint, run_job, submit
+    from keystate.runtime.executor import (
+        ClusterUnavailableError,
+        Deployment,
+        EmbeddedExecutor,
+        Executor,
+        ExecutorError,
+        ExecutorUnavailableError,
+        NotShippableError,
+        StorageNotSharedError,
+    )
     from keystate.runtime.graph import DataStream, InputSpec, JobGraph, KeyedStream, OperatorSpec
     from keystate.runtime.operators import (
         FilterOperator,
@@ -71,6 +81,14 @@ _LAZY = {
     "EndOfData": "keystate.runtime.events",
     "StopMode": "keystate.runtime.events",
     "Watermark": "keystate.runtime.events",
+    "ClusterUnavailableError": "keystate.runtime.executor",
+    "Deployment": "keystate.runtime.executor",
+    "EmbeddedExecutor": "keystate.runtime.executor",
+    "Executor": "keystate.runtime.executor",
+    "ExecutorError": "keystate.runtime.executor",
+    "ExecutorUnavailableError": "keystate.runtime.executor",
+    "NotShippableError": "keystate.runtime.executor",
+    "StorageNotSharedError": "keystate.runtime.executor",
     "JobClient": "keystate.runtime.execution",
     "JobResult": "keystate.runtime.execution",
     "JobStatus": "keystate.runtime.execution",
@@ -118,8 +136,14 @@ __all__ = [
     "CheckpointFailureReason",
     "CheckpointOptions",
     "CheckpointPlan",
+    "ClusterUnavailableError",
     "DataStream",
+    "Deployment",
+    "EmbeddedExecutor",
     "EndOfData",
+    "Executor",
+    "ExecutorError",
+    "ExecutorUnavailableError",
     "FilterOperator",
     "FlatMapOperator",
     "GeneratorSource",
@@ -137,6 +161,7 @@ __all__ = [
     "KeyedProcessOperator",
     "KeyedStream",
     "MapOperator",
+    "NotShippableError",
     "Operator",
     "OperatorContext",
     "OperatorSpec",
@@ -148,6 +173,7 @@ __all__ = [
     "SplitReader",
     "StopMode",
     "StopWithSavepointError",
+    "StorageNotSharedError",
     "SubtaskId",
     "SubtaskSnapshot",
     "SubtaskStatus",

@@ -8,19 +8,53 @@ channel makes ``send`` wait, which is how backpressure travels upstream.
 
 Every channel of a consumer wakes the same ``asyncio.Event``, so a task waits on all its inputs and
 its mailbox with a single ``await``, without a future per channel.
+
+:class:`Sender` and :class:`Receiver` are the two ends as a task sees them; the in-process channel here
+is one implementation, the Ray executor's credit-based channels between worker processes
+(``keystate.runtime.ray``) are another, so the same :class:`~keystate.runtime.task.Task` runs on both.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from keystate.runtime.errors import ChannelClosedError
 from keystate.runtime.events import EndOfData, EndOfPartition
 
-__all__ = ["ChannelReceiver", "ChannelSender", "InputGate", "open_channel"]
+__all__ = ["ChannelReceiver", "ChannelSender", "InputGate", "Receiver", "Sender", "open_channel"]
+
+
+class Sender(Protocol):
+    """The producer's end of a channel, as a task's output uses it."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def send(self, item: Any) -> None:
+        """Append an item (a record batch or an event), waiting while the channel has no room."""
+
+    @property
+    def end_of_data_consumed(self) -> bool:
+        """Whether the consumer has read this channel's ``EndOfData``."""
+
+    def on_end_of_data_consumed(self, callback: Callable[[], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Receiver(Protocol):
+    """The consumer's end of a channel, as an input gate reads it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def poll(self) -> Any:
+        """The next item, or ``None`` if the channel is empty right now."""
+
+    def close(self) -> None: ...
 
 
 class _Channel:
@@ -141,8 +175,8 @@ class InputGate:
         inputs: for each channel, the index of the logical input (edge) it belongs to.
     """
 
-    def __init__(self, receivers: list[ChannelReceiver], inputs: list[int]) -> None:
-        self.receivers = receivers
+    def __init__(self, receivers: Sequence[Receiver], inputs: list[int]) -> None:
+        self.receivers = list(receivers)
         self.inputs = inputs
         self.blocked = [False] * len(receivers)
         self.end_of_partition = [False] * len(receivers)

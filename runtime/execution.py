@@ -13,27 +13,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
 from enum import StrEnum
 
 from keystate.runtime.assignment import assign_state, effective_topology
-from keystate.runtime.channels import ChannelReceiver, ChannelSender, InputGate, open_channel
 from keystate.runtime.config import JobConfig
-from keystate.runtime.coordinator import CheckpointCoordinator, TaskGateway
+from keystate.runtime.coordinator import CheckpointCoordinator
 from keystate.runtime.errors import IncompatibleRestoreError, JobFailedError
+from keystate.runtime.executor import Deployment, EmbeddedExecutor, Executor, JobRun, open_checkpoint_storage
 from keystate.runtime.graph import JobGraph
-from keystate.runtime.output import Output, OutputEdge
-from keystate.runtime.plan import SubtaskId, pointwise_targets
+from keystate.runtime.plan import SubtaskId
 from keystate.runtime.restore_rules import check_restore
-from keystate.runtime.task import Task, TaskRestore
+from keystate.runtime.task import TaskRestore
 from keystate.statebackend.backends import StateBackend, state_backend
-from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
+from keystate.storage.checkpoints import CompletedCheckpoint
 from keystate.storage.errors import KeystateError
 from keystate.storage.format.topology import Topology
-from keystate.storage.retry import with_retries
-from keystate.storage.streams import StreamOptions
-from keystate.storage.uri import open_storage, open_store, parse_location
+from keystate.storage.uri import open_storage
 
 __all__ = ["JobClient", "JobResult", "JobStatus", "load_checkpoint", "run_job", "submit"]
 
@@ -92,6 +88,16 @@ class JobClient:
     def topology(self) -> Topology:
         return self._execution.topology
 
+    @property
+    def attempt(self) -> int:
+        """The current attempt (0 first; each failover adds one)."""
+        return self._execution.attempt
+
+    @property
+    def deployment(self) -> Deployment | None:
+        """The current attempt's deployed tasks (the executor's view; ``None`` between attempts)."""
+        return self._execution.deployment
+
     async def wait(self) -> JobResult:
         return await asyncio.shield(self._runner)
 
@@ -107,6 +113,10 @@ class JobClient:
             await asyncio.wait({deployed, self._runner}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             deployed.cancel()
+
+    async def wait_deployed(self) -> None:
+        """Wait until the first attempt's tasks are deployed (on Ray: every actor started), or the job ended."""
+        await self._deployed()
 
     async def trigger_checkpoint(self) -> CompletedCheckpoint:
         await self._deployed()
@@ -146,17 +156,9 @@ class _Execution:
         self.job_id = job_id
         self.initial_restore = restore
         self.topology = effective_topology(graph.topology(), restore)
+        self.executor: Executor = config.executor or EmbeddedExecutor()
         ckpt = config.checkpoint
-        location = parse_location(ckpt.storage)
-        store = open_store(location, endpoint_url=ckpt.endpoint_url)
-        if ckpt.wrap_store is not None:
-            store = ckpt.wrap_store(store)
-        storage = CheckpointStorage(
-            with_retries(store, ckpt.retry),
-            location.path,
-            options=StreamOptions(inline_threshold=ckpt.inline_threshold),
-            read_limits=ckpt.read_limits,
-        )
+        storage = open_checkpoint_storage(ckpt, observed=self.executor.observed_storage)
         self.backend: StateBackend = (
             state_backend(config.state_backend) if isinstance(config.state_backend, str) else config.state_backend
         )
@@ -171,9 +173,12 @@ class _Execution:
         self.status = JobStatus.RUNNING
         self.savepoint: CompletedCheckpoint | None = None
         self.coordinator.listeners.append(self._on_checkpoint)
+        self.job_run = JobRun(graph, config, job_id, self.topology, self.coordinator, self.backend)
         self._stop_event = asyncio.Event()
         self._stop_error: BaseException | None = None
         self.deployed = asyncio.Event()
+        self.attempt = 0
+        self.deployment: Deployment | None = None
         """Set once the first attempt's tasks are attached to the coordinator."""
 
     def _on_checkpoint(self, checkpoint: CompletedCheckpoint) -> None:
@@ -185,70 +190,6 @@ class _Execution:
         if self._stop_error is None:
             self._stop_error = error
         self._stop_event.set()
-
-    # --- deployment ----------------------------------------------------------------------------------
-
-    def deploy(self, attempt: int, restore: dict[SubtaskId, TaskRestore]) -> dict[SubtaskId, Task]:
-        config = self.config
-        specs = self.graph.operators
-        max_p = {op.uid: op.effective_max_parallelism for op in self.topology.operators}
-        wakeups = {SubtaskId(uid, i): asyncio.Event() for uid, s in specs.items() for i in range(s.parallelism)}
-        receivers: dict[SubtaskId, list[ChannelReceiver]] = defaultdict(list)
-        inputs: dict[SubtaskId, list[int]] = defaultdict(list)
-        senders: dict[SubtaskId, list[tuple[int, str, dict[int, ChannelSender]]]] = defaultdict(list)
-        for spec in specs.values():
-            for k, inp in enumerate(spec.inputs):
-                up = specs[inp.source]
-                for j in range(up.parallelism):
-                    producer = SubtaskId(up.uid, j)
-                    if inp.partitioning.pointwise:
-                        targets = pointwise_targets(j, up.parallelism, spec.parallelism)
-                    else:
-                        targets = list(range(spec.parallelism))
-                    edge: dict[int, ChannelSender] = {}
-                    for i in targets:
-                        consumer = SubtaskId(spec.uid, i)
-                        tx, rx = open_channel(config.channel_capacity, wakeups[consumer], f"{producer}->{consumer}")
-                        edge[i] = tx
-                        receivers[consumer].append(rx)
-                        inputs[consumer].append(k)
-                    senders[producer].append((k, spec.uid, edge))
-        wait_final = config.checkpoint.enabled and config.checkpoint.checkpoints_after_tasks_finish
-        tasks: dict[SubtaskId, Task] = {}
-        for spec in specs.values():
-            for i in range(spec.parallelism):
-                sub = SubtaskId(spec.uid, i)
-                edges = []
-                for k, consumer_uid, edge in senders[sub]:
-                    down = specs[consumer_uid]
-                    edges.append(
-                        OutputEdge(
-                            edge,
-                            down.inputs[k].partitioning,
-                            i,
-                            key_selector=down.inputs[k].key_selector,
-                            key_serializer=down.key_serializer,
-                            downstream_parallelism=down.parallelism,
-                            downstream_max_parallelism=max_p[consumer_uid],
-                        )
-                    )
-                gate = InputGate(receivers[sub], inputs[sub]) if spec.inputs else None
-                tasks[sub] = Task(
-                    spec=spec,
-                    index=i,
-                    attempt=attempt,
-                    gate=gate,
-                    output=Output(edges, config.batch_size),
-                    wakeup=wakeups[sub],
-                    coordinator=self.coordinator,
-                    state_backend=self.backend,
-                    max_parallelism=max_p[spec.uid],
-                    restore=restore.get(sub),
-                    wait_for_final_checkpoint=wait_final,
-                    batch_size=config.batch_size,
-                    checkpointing=config.checkpoint.enabled,
-                )
-        return tasks
 
     # --- running -------------------------------------------------------------------------------------
 
@@ -264,25 +205,35 @@ class _Execution:
             raise self._stop_error
 
     async def _attempt(self, attempt: int, restore: dict[SubtaskId, TaskRestore]) -> None:
-        tasks = self.deploy(attempt, restore)
-        gateways: dict[SubtaskId, TaskGateway] = dict(tasks)
-        self.coordinator.attach(gateways)
-        self.deployed.set()
+        try:
+            deployment = await self.executor.deploy(self.job_run, attempt, restore)
+        except Exception as exc:  # as if a task failed: the restart strategy decides
+            raise BaseExceptionGroup(f"attempt {attempt} could not be deployed", [exc]) from None
+        self.attempt, self.deployment = attempt, deployment
+        self.coordinator.attach(dict(deployment.gateways))
         periodic = asyncio.get_running_loop().create_task(self.coordinator.run_periodic(), name="checkpoint-scheduler")
         try:
             async with asyncio.TaskGroup() as group:
-                runs = [group.create_task(t.run(), name=t.name) for t in tasks.values()]
+                runs = [group.create_task(coro, name=name) for name, coro in deployment.runs().items()]
+                group.create_task(self._announce_deployed(deployment), name="deployed")
                 group.create_task(self._supervise(runs), name="supervisor")
         finally:
             periodic.cancel()
             await asyncio.gather(periodic, return_exceptions=True)
             self.coordinator.detach()
             await self.coordinator.settle()  # a checkpoint completing now is the one to restart from
+            self.deployment = None
+            await deployment.close()
+
+    async def _announce_deployed(self, deployment: Deployment) -> None:
+        await deployment.running()
+        self.deployed.set()
 
     async def run(self) -> JobResult:
         attempt = 0
         restore = assign_state(self.initial_restore, self.topology.operators) if self.initial_restore else {}
         try:
+            await self.executor.start(self.job_run)  # ExecutorError: raised to the caller, nothing started
             # Before anything runs: checkpoints earlier runs with this job id left are retained (and
             # subsumed) like this run's own, and new ids continue after theirs.
             try:
@@ -372,8 +323,13 @@ def submit(
     Raises:
         IncompatibleRestoreError: the restore rules reject the graph.
         CheckpointNotFoundError: ``restore_from`` holds no completed checkpoint.
+        ExecutorError: ``config.executor`` cannot run this job (e.g. an operator Ray cannot pickle); the
+            executor's environment errors (engine not installed, cluster unreachable, storage not shared)
+            are raised by :meth:`JobClient.wait` (and :func:`run_job`), before any task started.
     """
     config = config or JobConfig()
+    if config.executor is not None:
+        config.executor.check(graph, config)  # ExecutorError: a part of the job cannot run there
     restore = None
     if restore_from is not None:
         restore = (

@@ -9,10 +9,10 @@ routers (just one ``list.append`` for the common single-target case).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from keystate.runtime.channels import ChannelSender
+from keystate.runtime.channels import Sender
 from keystate.statebackend.keygroups import KEY_GROUP_DIGEST, assign_key_group
 from keystate.statebackend.serializers import KeySerializer, Serializer
 from keystate.storage.format.keygroups import operator_index_for_key_group
@@ -38,7 +38,7 @@ class OutputEdge:
 
     def __init__(
         self,
-        senders: dict[int, ChannelSender],
+        senders: Mapping[int, Sender],
         partitioning: Partitioning,
         producer_index: int,
         *,
@@ -108,8 +108,8 @@ class Output:
     def __init__(self, edges: list[OutputEdge], batch_size: int) -> None:
         self.edges = edges
         self._batch_size = batch_size
-        self._channels: list[ChannelSender] = [s for e in edges for s in e.senders.values()]
-        self._buffers: list[tuple[ChannelSender, list[Any]]] = []
+        self._channels: list[Sender] = [s for e in edges for s in e.senders.values()]
+        self._buffers: list[tuple[Sender, list[Any]]] = []
         routers: list[Router] = []
         for edge in edges:
             buffers: dict[int, list[Any]] = {i: [] for i in edge.targets}
@@ -129,7 +129,7 @@ class Output:
             self.collect = collect_all
 
     @property
-    def channels(self) -> list[ChannelSender]:
+    def channels(self) -> list[Sender]:
         return self._channels
 
     @property
