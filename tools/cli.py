@@ -55,7 +55,8 @@ exit code: 0 compatible, 1 incompatible (or, with --verify, damaged state), 2 un
   keystate topology myjobs.orders:build_job -o topology.json""",
     "demo": """examples:
   keystate demo --duration 10
-  keystate demo --checkpoints s3://bucket/demo   (Ctrl-C stops it with a drained savepoint)""",
+  keystate demo --checkpoints s3://bucket/demo   (Ctrl-C stops it with a drained savepoint)
+  keystate demo --executor ray --duration 10     (every subtask a Ray actor on a local Ray cluster)""",
 }
 
 
@@ -279,7 +280,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.duration is not None and args.duration <= 0:
         raise UsageError(f"--duration must be positive, found {args.duration}")
-    asyncio.run(run_demo(args.checkpoints, duration=args.duration))
+    if args.executor != "ray":
+        if args.ray_address is not None:
+            raise UsageError("--ray-address needs --executor ray")
+        asyncio.run(run_demo(args.checkpoints, duration=args.duration))
+        return EXIT_OK
+    # Ray loads only here; without it RayExecutor raises ExecutorUnavailableError (exit 2, names the extra).
+    from keystate.runtime.ray import RayExecutor
+
+    executor = RayExecutor(args.ray_address, num_cpus=None if args.ray_address else 2)
+    try:
+        asyncio.run(run_demo(args.checkpoints, duration=args.duration, executor=executor))
+    finally:
+        if sys.modules.get("ray") is not None:
+            executor.shutdown()
     return EXIT_OK
 
 
@@ -378,6 +392,14 @@ def build_parser(prog: str = "keystate") -> argparse.ArgumentParser:
     p = add("demo", "run the demo job (ends with stop-with-savepoint --drain)")
     p.add_argument("--checkpoints", default="./checkpoints", metavar="URI", help="checkpoint location")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="run this long (default: until Ctrl-C)")
+    p.add_argument(
+        "--executor",
+        choices=["embedded", "local", "ray"],
+        default="embedded",
+        help="where the tasks run: in this process (embedded, also 'local'), or one Ray actor per subtask "
+        "(ray; a local Ray cluster with 2 CPUs unless --ray-address is given; needs pip install 'keystate[ray]')",
+    )
+    p.add_argument("--ray-address", metavar="ADDRESS", help="Ray cluster to run on: auto, host:port or ray://host:port")
     p.set_defaults(run=_cmd_demo)
     return parser
 

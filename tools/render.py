@@ -16,7 +16,7 @@ from keystate.storage.format.flink import (
     RelativeFileStateHandle,
     SegmentFileStateHandle,
 )
-from keystate.storage.format.metadata import OperatorStatus
+from keystate.storage.format.metadata import OperatorStatus, StreamHandle
 from keystate.tools.errors import UsageError
 from keystate.tools.summary import CheckpointListing, CheckpointSummary, FlinkCheckpointSummary, VerifyReport
 
@@ -85,6 +85,18 @@ def _age(seconds: int) -> str:
     return f"{seconds // 86400}d ago"
 
 
+def _ms(value: int) -> str:
+    return f"{value} ms" if value < 10_000 else f"{value / 1000:.1f} s"
+
+
+def _sizes_line(checkpointed: int | None, full: int, incremental: bool | None) -> str:
+    """Flink's UI's two sizes: "Checkpointed Data Size" (written by this checkpoint) and "Full Checkpoint Data
+    Size" (the whole state it represents)."""
+    written = "unknown" if checkpointed is None else human_bytes(checkpointed)
+    kind = {True: "incremental", False: "full", None: "incremental or full: unknown"}[incremental]
+    return f"size      {written} checkpointed (written by this checkpoint), {human_bytes(full)} full ({kind})"
+
+
 def render_summary(summary: CheckpointSummary | FlinkCheckpointSummary) -> str:
     if isinstance(summary, FlinkCheckpointSummary):
         return _render_flink_summary(summary)
@@ -100,12 +112,16 @@ def render_summary(summary: CheckpointSummary | FlinkCheckpointSummary) -> str:
     handles = sum(o.handles for o in summary.operators)
     head = [
         f"{kind} {m.checkpoint_id} of job {m.job_id}",
-        f"format    keystate, metadata v{m.FORMAT_VERSION}",
+        f"format    keystate, metadata v{summary.format_version}",
         f"taken     {_time(m.timestamp)}",
         f"location  {summary.checkpoint.location}",
         f"state     {human_bytes(stored)} stored, {human_bytes(raw)} raw in {plural(handles, 'handle')}{ratio}",
-        "",
+        _sizes_line(summary.incremental_state_bytes, summary.full_state_bytes, summary.incremental),
     ]
+    if m.statistics is not None:
+        head.append(f"duration  {_ms(m.statistics.duration_ms)} (trigger to completion)")
+    head.append("")
+    timed = any(op.statistics is not None for op in summary.operators)
     rows = []
     for op in summary.operators:
         if not op.keyed or op.status is OperatorStatus.FULLY_FINISHED:
@@ -115,16 +131,23 @@ def render_summary(summary: CheckpointSummary | FlinkCheckpointSummary) -> str:
         else:
             spans = ",".join(str(r) for r in op.key_group_ranges)
             groups = f"{spans} ({op.key_groups_covered}/{op.max_parallelism})"
-        rows.append([
+        written = "?" if op.incremental_state_bytes is None else human_bytes(op.incremental_state_bytes)
+        row = [
             op.uid, str(op.parallelism), str(op.max_parallelism), _status(op.status, op.finished_subtasks),
-            human_bytes(op.state_bytes), str(op.handles), groups,
-        ])  # fmt: skip
-    body = table(
-        ["OPERATOR", "PARALLELISM", "MAX PARALLELISM", "STATUS", "STATE", "HANDLES", "KEY GROUPS"],
-        rows,
-        right=(1, 2, 4, 5),
-    )
-    return "\n".join(head) + body
+            written, human_bytes(op.full_state_bytes), str(op.handles), groups,
+        ]  # fmt: skip
+        if timed:
+            s = op.statistics
+            row += ["-"] * 3 if s is None else [_ms(s.sync_duration_ms), _ms(s.async_duration_ms),
+                                                 _ms(s.alignment_duration_ms)]  # fmt: skip
+        rows.append(row)
+    headers = ["OPERATOR", "PARALLELISM", "MAX PARALLELISM", "STATUS", "CHECKPOINTED", "FULL SIZE", "HANDLES",
+               "KEY GROUPS"]  # fmt: skip
+    right = [1, 2, 4, 5, 6]
+    if timed:
+        headers += ["SYNC", "ASYNC", "ALIGNMENT"]
+        right += [8, 9, 10]
+    return "\n".join(head) + table(headers, rows, right=right)
 
 
 def _flink_properties(summary: FlinkCheckpointSummary) -> list[str]:
@@ -148,6 +171,7 @@ def _render_flink_summary(summary: FlinkCheckpointSummary) -> str:
         "taken     unknown (Flink's _metadata records no time)",
         f"location  {checkpoint.location}",
         f"state     {human_bytes(summary.total_state_bytes)} in {plural(handles, 'handle')}",
+        _sizes_line(summary.incremental_state_bytes, summary.full_state_bytes, summary.incremental),
         "",
     ]
     rows = []
@@ -158,15 +182,18 @@ def _render_flink_summary(summary: FlinkCheckpointSummary) -> str:
             spans = ",".join(str(r) for r in op.key_group_ranges)
             groups = f"{spans} ({op.key_groups_covered}/{op.max_parallelism})"
         uid = op.state.uid or "-"
+        written = "?" if op.incremental_state_bytes is None else human_bytes(op.incremental_state_bytes)
         rows.append([
             uid, op.operator_id, str(op.parallelism), str(op.max_parallelism),
-            _status(op.status, op.finished_subtasks), human_bytes(op.state_bytes), str(op.handles), groups,
+            _status(op.status, op.finished_subtasks), written, human_bytes(op.full_state_bytes), str(op.handles),
+            groups,
         ])  # fmt: skip
     body = table(
-        ["OPERATOR", "OPERATOR ID", "PARALLELISM", "MAX PARALLELISM", "STATUS", "STATE", "HANDLES", "KEY GROUPS"],
+        ["OPERATOR", "OPERATOR ID", "PARALLELISM", "MAX PARALLELISM", "STATUS", "CHECKPOINTED", "FULL SIZE",
+         "HANDLES", "KEY GROUPS"],
         rows,
-        right=(2, 3, 5, 6),
-    )
+        right=(2, 3, 5, 6, 7),
+    )  # fmt: skip
     notes = ["", "note: Flink's _metadata stores no edges: the operators' inputs at checkpoint time are unknown"]
     if any(op.state.uid is None for op in summary.operators):
         notes.append(
@@ -240,14 +267,22 @@ def render_operator(summary: CheckpointSummary | FlinkCheckpointSummary, uid: st
         lines.append("  fully finished: no subtask state (deployed finished on restore)")
         return "\n".join(lines)
     rows = []
+    checkpoint_id = summary.checkpoint.metadata.checkpoint_id
+
+    def written(s: StreamHandle) -> str:
+        if s.written_by is None or s.written_by == checkpoint_id:
+            return ""
+        return f", written by checkpoint {s.written_by}"
+
     for st in op.subtasks:
         if st.finished:
             rows.append([str(st.index), "finished", "-", "-", "-", "-", "-"])
             continue
         for k in st.keyed:
-            s = k.stream
-            rows.append([str(st.index), "keyed", str(k.key_groups), s.describe, human_bytes(s.size),
-                         human_bytes(s.raw_size), s.checksum])  # fmt: skip
+            for i, s in enumerate(k.streams()):
+                what = "keyed" if not k.deltas else ("keyed base" if i == 0 else f"keyed delta {i}/{len(k.deltas)}")
+                rows.append([str(st.index), what + written(s), str(k.key_groups), s.describe, human_bytes(s.size),
+                             human_bytes(s.raw_size), s.checksum])  # fmt: skip
         for o in st.operator:
             s = o.stream
             names = ", ".join(f"{e.name} ({e.mode.value}, {len(e.offsets)})" for e in o.states)
@@ -321,16 +356,20 @@ def render_listing(rows: Sequence[CheckpointListing], now_ms: int) -> str:
     for r in rows:
         d = r.to_dict(now_ms)
         if r.summary is None:
-            out.append([r.kind, str(r.checkpoint_id or "?"), "?", "?", "?", f"unreadable: {r.error}", r.location])
+            out.append([r.kind, str(r.checkpoint_id or "?"), "?", "?", "?", "?", "?", f"unreadable: {r.error}",
+                        r.location])  # fmt: skip
             continue
         ops = d["operators"]
         counts = f"{ops['running']} running, {ops['partially_finished']} partial, {ops['fully_finished']} finished"
         kind = f"flink {d['kind']}" if d["source_format"] == SourceFormat.FLINK else d["kind"]
         age = "?" if d["age_seconds"] is None else _age(d["age_seconds"])
         job = d["job_id"] or d.get("job_id_prefix") or "?"
-        out.append([kind, str(d["checkpoint_id"]), job[:8], age,
-                    human_bytes(d["total_state_bytes"]), counts, r.location])  # fmt: skip
-    return table(["KIND", "ID", "JOB", "AGE", "SIZE", "OPERATORS", "LOCATION"], out, right=(1, 4))
+        incremental = {True: "yes", False: "no", None: "?"}[d["incremental"]]
+        written = "?" if d["incremental_state_bytes"] is None else human_bytes(d["incremental_state_bytes"])
+        out.append([kind, str(d["checkpoint_id"]), job[:8], age, incremental, written,
+                    human_bytes(d["full_state_bytes"]), counts, r.location])  # fmt: skip
+    headers = ["KIND", "ID", "JOB", "AGE", "INCREMENTAL", "CHECKPOINTED", "FULL SIZE", "OPERATORS", "LOCATION"]
+    return table(headers, out, right=(1, 5, 6))
 
 
 def render_report(report: RestoreReport, operators: int, *, kind: str = "checkpoint", location: str = "") -> str:

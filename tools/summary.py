@@ -1,4 +1,5 @@
-"""What ``keystate inspect`` and ``keystate list`` compute: summaries of checkpoints, and verification.
+"""What ``keystate inspect`` and ``keystate list`` compute: summaries of checkpoints (verification is in
+``keystate.tools.verification``, re-exported here).
 
 These functions return data; ``keystate.tools.render`` turns it into tables, JSON or graphs. Every
 location may hold a keystate checkpoint or an Apache Flink one (detected from ``_metadata``'s first
@@ -10,27 +11,30 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
 from keystate.storage.errors import CheckpointNotFoundError, KeystateError
 from keystate.storage.flink_checkpoints import (
     AnyCheckpoint,
-    CheckStatus,
     FlinkCheckpoint,
     SourceFormat,
     open_checkpoint,
     resolve_checkpoint,
     stream_handles,
-    verify_flink_checkpoint,
 )
 from keystate.storage.format.flink import FlinkOperatorState
 from keystate.storage.format.keygroups import KeyGroupRange
-from keystate.storage.format.metadata import KeyedStateHandle, OperatorState, OperatorStateHandle, OperatorStatus
+from keystate.storage.format.metadata import (
+    CheckpointStatistics,
+    OperatorState,
+    OperatorStatistics,
+    OperatorStatus,
+)
 from keystate.storage.uri import Location, open_storage, parse_location
 from keystate.tools.errors import UsageError
+from keystate.tools.verification import HandleCheck, VerifyReport, verify_checkpoint
 
 __all__ = [
     "CheckpointListing",
@@ -78,6 +82,28 @@ def _ranges(groups: set[int]) -> tuple[int, list[KeyGroupRange]]:
     return len(groups), ranges
 
 
+def operator_statistics_dict(stats: OperatorStatistics | None) -> dict[str, int] | None:
+    """An operator's ``statistics`` in ``inspect --json`` (``None``: not recorded, or a Flink checkpoint)."""
+    if stats is None:
+        return None
+    return {
+        "sync_duration_ms": stats.sync_duration_ms,
+        "async_duration_ms": stats.async_duration_ms,
+        "alignment_duration_ms": stats.alignment_duration_ms,
+        "acknowledged_subtasks": stats.acknowledged_subtasks,
+    }
+
+
+def checkpoint_statistics_dict(stats: CheckpointStatistics | None) -> dict[str, int] | None:
+    return None if stats is None else {"duration_ms": stats.duration_ms}
+
+
+# Sizes as Flink's web UI shows them: "Checkpointed Data Size" (incremental_state_bytes: the bytes this
+# checkpoint wrote, i.e. exclusive and inline files and the shared files it wrote itself) and "Full
+# Checkpoint Data Size" (full_state_bytes: every file it references, shared files of earlier checkpoints
+# included). For a full checkpoint they are equal.
+
+
 @dataclass(frozen=True)
 class OperatorSummary:
     uid: str
@@ -92,6 +118,11 @@ class OperatorSummary:
     keyed: bool
     key_groups_covered: int
     key_group_ranges: list[KeyGroupRange]
+    incremental_state_bytes: int | None = None
+    """Bytes this checkpoint wrote for the operator (Flink's "Checkpointed Data Size")."""
+    full_state_bytes: int = 0
+    """Bytes of every file the operator's state references (Flink's "Full Checkpoint Data Size")."""
+    statistics: OperatorStatistics | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _operator_dict(self, self.inputs, self.raw_state_bytes)
@@ -122,10 +153,31 @@ class CheckpointSummary:
     def total_raw_bytes(self) -> int:
         return sum(o.raw_state_bytes for o in self.operators)
 
+    @property
+    def incremental_state_bytes(self) -> int:
+        """Bytes this checkpoint wrote (Flink's "Checkpointed Data Size")."""
+        return int(self.checkpoint.metadata.incremental_state_bytes)
+
+    @property
+    def full_state_bytes(self) -> int:
+        """Bytes of every referenced file (Flink's "Full Checkpoint Data Size"); equals ``total_state_bytes``."""
+        return int(self.checkpoint.metadata.full_state_bytes)
+
+    @property
+    def incremental(self) -> bool:
+        """Whether the checkpoint builds on earlier ones (deltas, or shared files an earlier one wrote)."""
+        return bool(self.checkpoint.metadata.is_incremental)
+
+    @property
+    def format_version(self) -> int:
+        """The ``_metadata`` version the checkpoint was read from."""
+        m = self.checkpoint.metadata
+        return int(m.source_version or m.FORMAT_VERSION)
+
     def to_dict(self) -> dict[str, Any]:
         m = self.checkpoint.metadata
         return {
-            "format_version": m.FORMAT_VERSION,
+            "format_version": self.format_version,
             "checkpoint_id": m.checkpoint_id,
             "job_id": m.job_id,
             "kind": m.kind.value,
@@ -136,6 +188,10 @@ class CheckpointSummary:
             "properties": {"synchronous": m.properties.synchronous, "drain": m.properties.drain},
             "total_raw_state_bytes": self.total_raw_bytes,
             "source_format": self.source_format.value,
+            "incremental_state_bytes": self.incremental_state_bytes,
+            "full_state_bytes": self.full_state_bytes,
+            "incremental": self.incremental,
+            "statistics": checkpoint_statistics_dict(m.statistics),
         }
 
 
@@ -158,6 +214,9 @@ def summarize(checkpoint: CompletedCheckpoint) -> CheckpointSummary:
                 keyed=op.has_keyed_state or any(e.partitioning.value == "hash" for e in op.inputs),
                 key_groups_covered=covered,
                 key_group_ranges=ranges,
+                incremental_state_bytes=op.incremental_state_bytes(checkpoint.metadata.checkpoint_id),
+                full_state_bytes=op.full_state_bytes,
+                statistics=op.statistics,
             )
         )
     return CheckpointSummary(checkpoint, operators)
@@ -190,6 +249,15 @@ class FlinkOperatorSummary:
     key_groups_covered: int
     key_group_ranges: list[KeyGroupRange]
     state: FlinkOperatorState
+    incremental_state_bytes: int | None = None
+    """The sum of Flink's ``getCheckpointedSize()`` over the handles (what Flink's UI shows as "Checkpointed
+    Data Size"); ``None`` when a handle does not store it (a RocksDB handle of type 5, Flink before 1.15)."""
+    statistics: None = None
+    """Flink's ``_metadata`` records no durations."""
+
+    @property
+    def full_state_bytes(self) -> int:
+        return self.state_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {**_operator_dict(self, None, None), "operator_id": self.operator_id, "name": self.name}
@@ -217,6 +285,9 @@ def _operator_dict(
         }
         if op.keyed
         else None,
+        "incremental_state_bytes": op.incremental_state_bytes,
+        "full_state_bytes": op.full_state_bytes,
+        "statistics": operator_statistics_dict(op.statistics),
     }
 
 
@@ -237,6 +308,23 @@ class FlinkCheckpointSummary:
     @property
     def total_state_bytes(self) -> int:
         return sum(o.state_bytes for o in self.operators)
+
+    @property
+    def full_state_bytes(self) -> int:
+        return self.total_state_bytes
+
+    @property
+    def incremental_state_bytes(self) -> int | None:
+        """Flink's "Checkpointed Data Size": ``None`` when some handle does not record it."""
+        sizes = [o.incremental_state_bytes for o in self.operators]
+        return None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
+
+    @property
+    def incremental(self) -> bool | None:
+        """Whether the checkpoint reuses files of earlier ones: it wrote less than it references (``None``:
+        unknown, a handle does not record its checkpointed size)."""
+        written = self.incremental_state_bytes
+        return None if written is None else written < self.full_state_bytes
 
     def find_operator(self, name: str) -> FlinkOperatorSummary | None:
         """The operator with this uid or operator ID, or None."""
@@ -265,6 +353,10 @@ class FlinkCheckpointSummary:
             "properties": self.properties(),
             "total_raw_state_bytes": None,
             "source_format": self.source_format.value,
+            "incremental_state_bytes": self.incremental_state_bytes,
+            "full_state_bytes": self.full_state_bytes,
+            "incremental": self.incremental,
+            "statistics": None,
             "flink_metadata_version": m.format_version,
             "job_id_prefix": self.checkpoint.job_id_prefix,
             "flink_properties": None
@@ -288,6 +380,12 @@ def summarize_flink(checkpoint: FlinkCheckpoint) -> FlinkCheckpointSummary:
                     groups.update(keyed.key_groups)
         covered, ranges = _ranges(groups)
         handles = sum(1 for st in op.subtasks for h in st.handles() for _ in stream_handles(h))
+        # Flink's checkpointed size: getCheckpointedSize() of every handle, which is its state size except for
+        # RocksDB incremental and changelog handles, which store it (a type-5 RocksDB handle does not: None).
+        written: list[int | None] = [getattr(h, "checkpointed_size", h.state_size) for st in op.subtasks
+                                     for h in st.handles()]  # fmt: skip
+        coordinator = 0 if op.coordinator_state is None else op.coordinator_state.state_size
+        checkpointed = None if None in written else coordinator + sum(w for w in written if w is not None)
         finished = list(range(op.parallelism)) if op.fully_finished else list(op.finished_subtasks)
         operators.append(
             FlinkOperatorSummary(
@@ -304,6 +402,7 @@ def summarize_flink(checkpoint: FlinkCheckpoint) -> FlinkCheckpointSummary:
                 key_groups_covered=covered,
                 key_group_ranges=ranges,
                 state=op,
+                incremental_state_bytes=checkpointed,
             )
         )
     return FlinkCheckpointSummary(checkpoint, operators)
@@ -319,129 +418,6 @@ def summarize_any(checkpoint: AnyCheckpoint) -> CheckpointSummary | FlinkCheckpo
 def inspect_checkpoint(location: str, *, endpoint_url: str | None = None) -> CheckpointSummary | FlinkCheckpointSummary:
     """Load and summarize the checkpoint a location names (see :func:`load_location`)."""
     return summarize_any(load_location(location, endpoint_url=endpoint_url))
-
-
-# --- verification ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HandleCheck:
-    operator: str
-    subtask: int
-    handle: str
-    size: int
-    ok: bool
-    error: str | None = None
-    not_checkable: str | None = None
-    """Why the handle could not be checked from here (a Flink handle's absolute path on another machine);
-    such a handle counts as ``ok``: it is not known to be damaged."""
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"operator": self.operator, "subtask": self.subtask, "handle": self.handle,
-                             "size": self.size, "ok": self.ok}  # fmt: skip
-        if self.error is not None:
-            d["error"] = self.error
-        if self.not_checkable is not None:
-            d["not_checkable"] = self.not_checkable
-        return d
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    checks: list[HandleCheck] = field(default_factory=list)
-    source_format: SourceFormat = SourceFormat.KEYSTATE
-    """A Flink checkpoint's handles are checked for existence and size only: its files carry no checksums."""
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    @property
-    def failures(self) -> list[HandleCheck]:
-        return [c for c in self.checks if not c.ok]
-
-    @property
-    def unchecked(self) -> list[HandleCheck]:
-        """Handles that could not be checked from here (not damage)."""
-        return [c for c in self.checks if c.not_checkable is not None]
-
-    def to_dict(self) -> dict[str, Any]:
-        doc = {
-            "ok": self.ok,
-            "handles": len(self.checks),
-            "bytes": sum(c.size for c in self.checks if c.not_checkable is None),
-            "failures": [c.to_dict() for c in self.failures],
-        }
-        if self.unchecked:
-            doc["not_checkable"] = [c.to_dict() for c in self.unchecked]
-        return doc
-
-
-def verify_checkpoint(
-    checkpoint: AnyCheckpoint, progress: Callable[[int, int, int], None] | None = None
-) -> VerifyReport:
-    """Read every handle fully and check its size, block checksums, trailer and whole-file checksum, then
-    decode its payload's framing with the decoders a restore uses (``keystate.statebackend.inspection``):
-    keyed snapshots (meta, key-group offsets, entries, composite keys, list frames, TTL headers) and
-    operator-state elements. Nothing is deserialized, so nothing from the checkpoint runs; what
-    passes here restores, short of the job's own serializers and configuration.
-
-    A handle that cannot be read is damage only while the checkpoint still exists: after a failed
-    handle the checkpoint's ``_metadata`` is checked again, and if it is gone (retention discarded the
-    checkpoint while it was read, which it may do on a live root at any time) verification stops
-    with :class:`CheckpointDiscardedError` instead of reporting damage.
-
-    Args:
-        checkpoint: what to verify.
-        progress: called with (handles done, handles total, bytes done) after each handle.
-
-    A Flink checkpoint is checked as :func:`~keystate.storage.flink_checkpoints.verify_flink_checkpoint`
-    checks it: every file it names exists with the stated size (Flink's files have no checksums, and their
-    Java-serialized contents are never decoded); a file on another machine is reported as not checkable.
-
-    Raises:
-        CheckpointDiscardedError: the checkpoint was discarded while it was read; the error names the
-            newest checkpoint of the job left.
-    """
-    if isinstance(checkpoint, FlinkCheckpoint):
-        return _verify_flink(checkpoint, progress)
-    # Loaded here, not at import: the other commands need no state backend.
-    from keystate.statebackend.inspection import check_keyed_handle, check_operator_handle
-
-    todo: list[tuple[str, int, KeyedStateHandle | OperatorStateHandle]] = []
-    for op in checkpoint.metadata.operators:
-        for st in op.subtasks:
-            todo += [(op.uid, st.index, h) for h in st.keyed]
-            todo += [(op.uid, st.index, h) for h in st.operator]
-    checks: list[HandleCheck] = []
-    done_bytes = 0
-    for i, (uid, index, typed) in enumerate(todo):
-        handle = typed.stream
-        name = handle.describe
-        try:
-            if isinstance(typed, KeyedStateHandle):
-                checkpoint.open_state(handle).verify()  # the whole file first: the framing pass reads ranges
-                check_keyed_handle(checkpoint, typed, uid)
-            else:
-                check_operator_handle(checkpoint, typed, uid)  # reads (and checks) the whole file once
-            checks.append(HandleCheck(uid, index, name, handle.size, True))
-        except KeystateError as exc:
-            checkpoint.raise_if_discarded(exc)
-            checks.append(HandleCheck(uid, index, name, handle.size, False, str(exc)))
-        done_bytes += handle.size
-        if progress is not None:
-            progress(i + 1, len(todo), done_bytes)
-    return VerifyReport(checks)
-
-
-def _verify_flink(checkpoint: FlinkCheckpoint, progress: Callable[[int, int, int], None] | None) -> VerifyReport:
-    checks = []
-    for c in verify_flink_checkpoint(checkpoint, progress):
-        damaged = c.status is CheckStatus.DAMAGED
-        unchecked = c.detail if c.status is CheckStatus.NOT_CHECKABLE else None
-        checks.append(HandleCheck(c.operator, c.subtask, c.handle, c.size, not damaged, c.detail if damaged else None,
-                                  unchecked))  # fmt: skip
-    return VerifyReport(checks, SourceFormat.FLINK)
 
 
 # --- listing -----------------------------------------------------------------------------------------
@@ -486,6 +462,10 @@ class CheckpointListing:
             "operators": counts,
             "properties": {"synchronous": m.properties.synchronous, "drain": m.properties.drain},
             "source_format": SourceFormat.KEYSTATE.value,
+            "incremental": self.summary.incremental,
+            "incremental_state_bytes": self.summary.incremental_state_bytes,
+            "full_state_bytes": self.summary.full_state_bytes,
+            "statistics": checkpoint_statistics_dict(m.statistics),
         }
 
     def _flink_dict(self, summary: FlinkCheckpointSummary) -> dict[str, Any]:
@@ -503,6 +483,10 @@ class CheckpointListing:
             "operators": counts,
             "properties": summary.properties(),
             "source_format": SourceFormat.FLINK.value,
+            "incremental": summary.incremental,
+            "incremental_state_bytes": summary.incremental_state_bytes,
+            "full_state_bytes": summary.full_state_bytes,
+            "statistics": None,
             "flink_metadata_version": summary.checkpoint.metadata.format_version,
             "job_id_prefix": summary.checkpoint.job_id_prefix,
         }

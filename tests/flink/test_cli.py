@@ -125,7 +125,7 @@ def test_inspect_json_of_a_keystate_checkpoint_says_so(cli: Cli, tmp_path: Path)
     assert doc["source_format"] == "keystate"
     assert "flink_metadata_version" not in doc
     assert all(o["inputs_known"] is True for o in doc["operators"])
-    assert "format    keystate, metadata v1" in cli("inspect", tmp_path).out
+    assert "format    keystate, metadata v2" in cli("inspect", tmp_path).out
 
 
 @pytest.mark.parametrize("level", ["root", "job", "checkpoint", "metadata"])
