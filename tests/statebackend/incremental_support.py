@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from keystate.statebackend import (
@@ -14,30 +13,17 @@ from keystate.statebackend import (
     StrSerializer,
     ValueStateDescriptor,
 )
-from keystate.statebackend.state import KeyedSnapshot, SnapshotOptions
+from keystate.statebackend.state import SnapshotOptions
 from keystate.storage import CheckpointStorage, CompletedCheckpoint, KeyedStateHandle
-from tests.statebackend.support import JOB_ID, keyed_metadata, kv_contents, make_backend
+from tests.statebackend.support import kv_contents, make_backend, write_keyed
 
 INCREMENTAL = SnapshotOptions(incremental=True)
 VALUE = ValueStateDescriptor[int](name="v", serializer=IntSerializer())
 LIST = ListStateDescriptor[str](name="l", serializer=StrSerializer())
 MAP = MapStateDescriptor[int, str](name="m", serializer=StrSerializer(), key_serializer=IntSerializer())
+commit = write_keyed
+"""Write snapshots (one per subtask) into a checkpoint and commit it (``support.write_keyed``)."""
 SUM = ReducingStateDescriptor[int](name="sum", serializer=IntSerializer(), reduce_function=lambda a, b: a + b)
-
-
-def commit(
-    storage: CheckpointStorage,
-    checkpoint_id: int,
-    snapshots: Sequence[KeyedSnapshot],
-    *,
-    operator_uid: str = "op",
-    max_parallelism: int = 128,
-) -> tuple[CompletedCheckpoint, list[KeyedStateHandle | None]]:
-    """Write the snapshots (one per subtask) into checkpoint ``checkpoint_id`` and commit it."""
-    writer = storage.begin_checkpoint(JOB_ID, checkpoint_id)
-    handles = [s.write(writer, f"{operator_uid}/{i}/keyed") for i, s in enumerate(snapshots)]
-    completed = writer.commit(keyed_metadata(checkpoint_id, operator_uid, max_parallelism, handles))
-    return completed, handles
 
 
 def checkpoint(
