@@ -33,9 +33,9 @@ FORMAT_FORBIDDEN_STDLIB = {
 }  # fmt: skip
 OBJECT_STORES = {
     f"keystate.storage.{name}"
-    for name in ("base", "_local", "_local_writer", "_s3", "_memory", "retry", "faults", "s3faults")
+    for name in ("base", "_local", "_local_writer", "_s3", "_s3_client", "_memory", "retry", "faults", "s3faults")
 }
-BOTO_MODULES = {"keystate.storage._s3", "keystate.storage.s3faults"}
+BOTO_MODULES = {"keystate.storage._s3", "keystate.storage._s3_client", "keystate.storage.s3faults"}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from keystate.storage import (
     StorageUnavailableError,
     make_s3_client,
 )
-from keystate.storage._s3 import _RetryWatch, s3_timeout_from_env
+from keystate.storage._s3_client import _RetryWatch, s3_timeout_from_env
 
 
 def closed_port() -> int:
@@ -64,11 +64,14 @@ def test_an_unreachable_s3_endpoint_fails_within_the_timeout_with_one_warning(ca
     port = closed_port()
     store = S3ObjectStore("bucket", "jobs", client=make_s3_client(endpoint_url=f"http://127.0.0.1:{port}", timeout=1.0))
     started = time.monotonic()
-    with caplog.at_level(logging.DEBUG, logger="keystate.storage._s3"), pytest.raises(StorageUnavailableError) as info:
+    with (
+        caplog.at_level(logging.DEBUG, logger="keystate.storage._s3_client"),
+        pytest.raises(StorageUnavailableError) as info,
+    ):
         store.put("chk-3/_metadata", b"{}")
     took = time.monotonic() - started
     assert took < 1.5, took
-    warnings = warnings_of(caplog, "keystate.storage._s3")
+    warnings = warnings_of(caplog, "keystate.storage._s3_client")
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(
         f"S3 endpoint http://127.0.0.1:{port} unreachable; retrying put s3://bucket/jobs/chk-3/_metadata (attempt 2 of "
@@ -86,7 +89,7 @@ def test_the_timeout_comes_from_the_environment(
     assert client.meta.config.connect_timeout == 2.5
     assert client.meta.config.read_timeout == 2.5
     monkeypatch.setenv("KEYSTATE_S3_TIMEOUT", "soon")
-    with caplog.at_level(logging.WARNING, logger="keystate.storage._s3"):
+    with caplog.at_level(logging.WARNING, logger="keystate.storage._s3_client"):
         assert s3_timeout_from_env() is None
     assert any("KEYSTATE_S3_TIMEOUT='soon' is not a positive number of seconds" in m for m in caplog.messages)
     with pytest.raises(ValueError, match="timeout"):
@@ -95,21 +98,21 @@ def test_the_timeout_comes_from_the_environment(
 
 def test_one_outage_is_reported_once_and_a_success_ends_it(caplog: pytest.LogCaptureFixture) -> None:
     down = S3ObjectStore("bucket", client=make_s3_client(endpoint_url=f"http://127.0.0.1:{closed_port()}", timeout=0.3))
-    with caplog.at_level(logging.WARNING, logger="keystate.storage._s3"):
+    with caplog.at_level(logging.WARNING, logger="keystate.storage._s3_client"):
         for _ in range(3):
             with pytest.raises(StorageUnavailableError):
                 down.get("k")
-    assert len(warnings_of(caplog, "keystate.storage._s3")) == 1, "three failing requests, one outage: one line"
+    assert len(warnings_of(caplog, "keystate.storage._s3_client")) == 1, "three failing requests, one outage: one line"
     # A request that succeeds ends the outage (botocore asks the watch after every attempt).
     watch = _RetryWatch(max_attempts=3, deadline=None)
     refused = botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
     request: dict[str, Any] = {"url": "http://127.0.0.1:1/bucket/k", "context": {}}
     ok: tuple[Any, dict[str, Any]] = (SimpleNamespace(status_code=200), {})
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="keystate.storage._s3"):
+    with caplog.at_level(logging.WARNING, logger="keystate.storage._s3_client"):
         assert isinstance(watch.needs_retry(None, None, 1, refused, request), float)
         assert isinstance(watch.needs_retry(None, None, 2, refused, request), float)
         assert watch.needs_retry(None, None, 3, refused, request) is False, "out of attempts"
         assert watch.needs_retry(ok, None, 1, None, request) is None
         assert isinstance(watch.needs_retry(None, None, 1, refused, request), float)
-    assert len(warnings_of(caplog, "keystate.storage._s3")) == 2, "two outages, one line each"
+    assert len(warnings_of(caplog, "keystate.storage._s3_client")) == 2, "two outages, one line each"
