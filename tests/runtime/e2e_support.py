@@ -368,6 +368,33 @@ class _HeldReader(SplitReader):
         return self._inner.position()
 
 
+class EndedSource(MixedSource):
+    """A :class:`MixedSource` of unbounded splits that end (at whatever position they reached) once ``end``
+    is set: for a test that needs records to keep coming until it saw something, then the source to finish.
+    """
+
+    def __init__(self, splits: int, end: Flag, **kwargs: Any) -> None:
+        super().__init__([None] * splits, **kwargs)
+        self.end = end
+
+    def reader(self, split: str, position: Any | None) -> SplitReader:
+        return _EndedReader(super().reader(split, position), self.end)
+
+
+class _EndedReader(SplitReader):
+    def __init__(self, inner: SplitReader, end: Flag) -> None:
+        self._inner = inner
+        self._end = end
+
+    async def read(self, max_records: int) -> list[Any] | None:
+        if self._end.value:
+            return None
+        return await self._inner.read(max_records)
+
+    def position(self) -> Any:
+        return self._inner.position()
+
+
 def expected_mixed(lengths: Sequence[int], first_split: int = 0) -> list[list[int]]:
     return [[first_split + i, n] for i, length in enumerate(lengths) for n in range(length)]
 

@@ -1,4 +1,5 @@
-"""One local Ray cluster per test session, and the ``executor`` fixture that runs a test on both executors.
+"""One local Ray cluster per test session, the ``executor`` fixture that runs a test on both executors, and
+the ``checkpoints`` fixture that runs it on both checkpoint storages (local disk, S3 on moto's server).
 
 The cluster starts on first use (``ray.init(num_cpus=2, include_dashboard=False)``: a head node in this
 process's machine, no dashboard) and stops at the end of the session. Its worker processes inherit the
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests._environment import unavailable
-from tests.runtime.ray.support import EXECUTORS
+from tests.runtime.ray.support import EXECUTORS, STORAGES, CheckpointRoot
 
 ROOT = Path(__file__).resolve().parents[3]
 CPUS = 2
@@ -68,3 +69,14 @@ def executor(request: pytest.FixtureRequest) -> Any:
     from keystate.runtime.ray import RayExecutor
 
     return RayExecutor()
+
+
+@pytest.fixture(params=STORAGES)
+def checkpoints(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointRoot:
+    """The test's checkpoint root: ``tmp_path / "checkpoints"``, or ``s3://<a fresh bucket>/ckpt`` on the
+    session's moto server (tests/conftest.py), its endpoint passed in the job's configuration."""
+    if request.param == "local":
+        return CheckpointRoot(str(tmp_path / "checkpoints"))
+    endpoint: str = request.getfixturevalue("moto_endpoint")
+    bucket: str = request.getfixturevalue("server_bucket")
+    return CheckpointRoot(f"s3://{bucket}/ckpt", endpoint)

@@ -6,6 +6,11 @@ rely on ``deepcopy`` returning the same object, which a worker process cannot do
 file-backed versions of both: :class:`FileLog` appends one JSON line per event to a file every process
 writes to (``O_APPEND``, one ``write`` per line), and :class:`FileFlag` is a file that exists or not.
 Both are plain paths when pickled, and both behave the same on either executor.
+
+Checkpoint storage is a parameter too (:data:`STORAGES`, the ``checkpoints`` fixture of the conftest):
+a :class:`CheckpointRoot` on local disk, or an ``s3://`` root on moto's threaded server (real HTTP on
+127.0.0.1) with its endpoint in ``CheckpointConfig.endpoint_url``, which is how Ray workers, which do not
+share the test's environment, find it; their fake credentials come from the cluster's environment.
 """
 
 from __future__ import annotations
@@ -15,15 +20,44 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from keystate.runtime import JobConfig, Operator
+from keystate.statebackend.serializers import IntSerializer
+from keystate.statebackend.state import ValueStateDescriptor
+from keystate.storage.checkpoints import CompletedCheckpoint
 from tests.runtime.e2e_support import Event, EventLog, Flag, job_config
 
 EXECUTORS = ["embedded", "ray"]
 """The ids of the ``executor`` fixture's parameters."""
+
+STORAGES = ["local", "s3"]
+"""The ids of the ``checkpoints`` fixture's parameters."""
+
+
+@dataclass(frozen=True)
+class CheckpointRoot:
+    """Where a test's checkpoints go: ``uri`` (a local path or ``s3://bucket/prefix``) and, for S3, the
+    endpoint every process (the test's, each Ray worker) reaches it at."""
+
+    uri: str
+    endpoint_url: str | None = None
+
+    @property
+    def on_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def holds(self, location: str) -> bool:
+        """Whether a checkpoint ``location`` (an absolute path or URI) is under this root."""
+        return location.startswith(self.uri.rstrip("/") + "/")
+
+    def assert_holds(self, *taken: CompletedCheckpoint) -> None:
+        """Every one of ``taken`` (at least one) was written under this root."""
+        assert taken, "the scenario completed no checkpoint"
+        for checkpoint in taken:
+            assert self.holds(checkpoint.location), f"{checkpoint.location} is not under {self.uri}"
 
 
 class FileLog(EventLog):
@@ -81,9 +115,13 @@ class FileFlag(Flag):
             os.unlink(self.path)
 
 
-def config_on(executor: Any, tmp_path: Path, **kwargs: Any) -> JobConfig:
-    """:func:`tests.runtime.e2e_support.job_config` on ``executor`` (``None``: embedded)."""
-    return replace(job_config(tmp_path, **kwargs), executor=executor)
+def config_on(executor: Any, tmp_path: Path, *, root: CheckpointRoot | None = None, **kwargs: Any) -> JobConfig:
+    """:func:`tests.runtime.e2e_support.job_config` on ``executor`` (``None``: embedded), with checkpoints
+    under ``root`` (default: ``tmp_path / "checkpoints"``)."""
+    config = replace(job_config(tmp_path, **kwargs), executor=executor)
+    if root is None:
+        return config
+    return replace(config, checkpoint=replace(config.checkpoint, storage=root.uri, endpoint_url=root.endpoint_url))
 
 
 class PidRecorder(Operator):
@@ -99,6 +137,34 @@ class PidRecorder(Operator):
 
     def process(self, record: Any, input_index: int) -> None:
         self.ctx.emit(record)
+
+
+_COUNT = ValueStateDescriptor[int](name="count", serializer=IntSerializer(), default=0)
+
+
+class KeyedCounter(Operator):
+    """Counts records of input 0 per key in value state ``count`` (input 1 only keeps the subtask alive),
+    logging event ``counted`` with the key; on open logs every ``(key, count)`` it restored, as ``restored``."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+
+    def _log(self, name: str, arg: Any) -> None:
+        self.log.add(Event(self.ctx.uid, self.ctx.subtask_index, self.ctx.attempt, name, arg))
+
+    async def open(self) -> None:
+        backend = self.ctx.keyed_backend
+        assert backend is not None
+        self.count = self.ctx.get_state(_COUNT)
+        for key in list(backend.keys("count")):
+            backend.set_current_key(key)
+            self._log("restored", [key, self.count.value()])
+        self._log("open", None)
+
+    def process(self, record: Any, input_index: int) -> None:
+        if input_index == 0:
+            self.count.update((self.count.value() or 0) + 1)
+            self._log("counted", self.ctx.current_key)
 
 
 def recorded_pid(directory: Path, uid: str, index: int, attempt: int, *, within: float = 60.0) -> int:
