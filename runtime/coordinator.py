@@ -341,6 +341,7 @@ class CheckpointCoordinator:
             log.warning("unexpected acknowledgement of checkpoint %d from %s", checkpoint_id, sub)
             return
         pending.acks[sub] = snapshot
+        pending.acked_at[sub] = time.monotonic()
         if not pending.options.is_savepoint:  # savepoints reference no shared file and build on nothing
             self.store.registry.acknowledged(
                 checkpoint_id, sub, snapshot.streams(), incremental=snapshot.incremental, based_on=snapshot.based_on

@@ -53,6 +53,8 @@ class PendingCheckpoint:
     writer: CheckpointWriter
     future: asyncio.Future[CompletedCheckpoint]
     acks: dict[SubtaskId, SubtaskSnapshot] = field(default_factory=dict)
+    acked_at: dict[SubtaskId, float] = field(default_factory=dict)
+    """When each acknowledgement arrived (``time.monotonic()``), for the end-to-end durations."""
     timer: asyncio.TimerHandle | None = None
     finalizing: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -113,11 +115,13 @@ def operator_statistics(pending: PendingCheckpoint, uid: str) -> OperatorStatist
     acks = [snap for sub, snap in pending.acks.items() if sub.uid == uid]
     if not acks:
         return None
+    arrived = [at for sub, at in pending.acked_at.items() if sub.uid == uid]
     return OperatorStatistics(
         sync_duration_ms=max(a.sync_duration_ms for a in acks),
         async_duration_ms=max(a.async_duration_ms for a in acks),
         alignment_duration_ms=max(a.alignment_duration_ms for a in acks),
         acknowledged_subtasks=len(acks),
+        end_to_end_duration_ms=max(0, round((max(arrived) - pending.started) * 1000)) if arrived else None,
     )
 
 

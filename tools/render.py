@@ -138,15 +138,16 @@ def render_summary(summary: CheckpointSummary | FlinkCheckpointSummary) -> str:
         ]  # fmt: skip
         if timed:
             s = op.statistics
-            row += ["-"] * 3 if s is None else [_ms(s.sync_duration_ms), _ms(s.async_duration_ms),
-                                                 _ms(s.alignment_duration_ms)]  # fmt: skip
+            row += ["-"] * 4 if s is None else [
+                _ms(s.sync_duration_ms), _ms(s.async_duration_ms), _ms(s.alignment_duration_ms),
+                "-" if s.end_to_end_duration_ms is None else _ms(s.end_to_end_duration_ms)]  # fmt: skip
         rows.append(row)
     headers = ["OPERATOR", "PARALLELISM", "MAX PARALLELISM", "STATUS", "CHECKPOINTED", "FULL SIZE", "HANDLES",
                "KEY GROUPS"]  # fmt: skip
     right = [1, 2, 4, 5, 6]
     if timed:
-        headers += ["SYNC", "ASYNC", "ALIGNMENT"]
-        right += [8, 9, 10]
+        headers += ["SYNC", "ASYNC", "ALIGNMENT", "END TO END"]
+        right += [8, 9, 10, 11]
     return "\n".join(head) + table(headers, rows, right=right)
 
 
@@ -356,7 +357,7 @@ def render_listing(rows: Sequence[CheckpointListing], now_ms: int) -> str:
     for r in rows:
         d = r.to_dict(now_ms)
         if r.summary is None:
-            out.append([r.kind, str(r.checkpoint_id or "?"), "?", "?", "?", "?", "?", f"unreadable: {r.error}",
+            out.append([r.kind, str(r.checkpoint_id or "?"), "?", "?", "?", "?", "?", "?", f"unreadable: {r.error}",
                         r.location])  # fmt: skip
             continue
         ops = d["operators"]
@@ -366,10 +367,12 @@ def render_listing(rows: Sequence[CheckpointListing], now_ms: int) -> str:
         job = d["job_id"] or d.get("job_id_prefix") or "?"
         incremental = {True: "yes", False: "no", None: "?"}[d["incremental"]]
         written = "?" if d["incremental_state_bytes"] is None else human_bytes(d["incremental_state_bytes"])
+        duration = "-" if d["statistics"] is None else _ms(d["statistics"]["duration_ms"])
         out.append([kind, str(d["checkpoint_id"]), job[:8], age, incremental, written,
-                    human_bytes(d["full_state_bytes"]), counts, r.location])  # fmt: skip
-    headers = ["KIND", "ID", "JOB", "AGE", "INCREMENTAL", "CHECKPOINTED", "FULL SIZE", "OPERATORS", "LOCATION"]
-    return table(headers, out, right=(1, 5, 6))
+                    human_bytes(d["full_state_bytes"]), duration, counts, r.location])  # fmt: skip
+    headers = ["KIND", "ID", "JOB", "AGE", "INCREMENTAL", "CHECKPOINTED", "FULL SIZE", "DURATION", "OPERATORS",
+               "LOCATION"]  # fmt: skip
+    return table(headers, out, right=(1, 5, 6, 7))
 
 
 def render_report(report: RestoreReport, operators: int, *, kind: str = "checkpoint", location: str = "") -> str:

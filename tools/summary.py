@@ -82,8 +82,9 @@ def _ranges(groups: set[int]) -> tuple[int, list[KeyGroupRange]]:
     return len(groups), ranges
 
 
-def operator_statistics_dict(stats: OperatorStatistics | None) -> dict[str, int] | None:
-    """An operator's ``statistics`` in ``inspect --json`` (``None``: not recorded, or a Flink checkpoint)."""
+def operator_statistics_dict(stats: OperatorStatistics | None) -> dict[str, int | None] | None:
+    """An operator's ``statistics`` in ``inspect --json`` (``None``: not recorded, or a Flink checkpoint);
+    ``end_to_end_duration_ms`` is ``None`` in a ``_metadata`` written before keystate recorded it."""
     if stats is None:
         return None
     return {
@@ -91,6 +92,7 @@ def operator_statistics_dict(stats: OperatorStatistics | None) -> dict[str, int]
         "async_duration_ms": stats.async_duration_ms,
         "alignment_duration_ms": stats.alignment_duration_ms,
         "acknowledged_subtasks": stats.acknowledged_subtasks,
+        "end_to_end_duration_ms": stats.end_to_end_duration_ms,
     }
 
 

@@ -48,6 +48,8 @@ MAX_DELTAS = 1024
 """Deltas per keyed handle a reader accepts (a writer materializes long before: ``max_chain_length``)."""
 
 _OPERATOR_STATISTICS = ("sync_duration_ms", "async_duration_ms", "alignment_duration_ms", "acknowledged_subtasks")
+_END_TO_END = "end_to_end_duration_ms"
+"""Optional: ``_metadata`` v2 files written before keystate recorded it lack it."""
 
 
 class CodecV2(CodecV1):
@@ -104,7 +106,13 @@ class CodecV2(CodecV1):
 
     def _dump_operator_extra(self, op: OperatorState, d: dict[str, Any]) -> None:
         s = op.statistics
-        d["statistics"] = None if s is None else {name: getattr(s, name) for name in _OPERATOR_STATISTICS}
+        if s is None:
+            d["statistics"] = None
+            return
+        stats: dict[str, int] = {name: getattr(s, name) for name in _OPERATOR_STATISTICS}
+        if s.end_to_end_duration_ms is not None:
+            stats[_END_TO_END] = s.end_to_end_duration_ms
+        d["statistics"] = stats
 
     def _operator_keys_extra(self) -> tuple[str, ...]:
         return ("statistics",)
@@ -116,9 +124,10 @@ class CodecV2(CodecV1):
         w = f"{where}.statistics"
         if not isinstance(stats, dict):
             raise MetadataError(f"{where}: field 'statistics' must be an object or null")
-        check_keys(stats, w, _OPERATOR_STATISTICS)
-        values = {name: req_int(stats, name, w) for name in _OPERATOR_STATISTICS}
-        return {"statistics": OperatorStatistics(**values)}
+        check_keys(stats, w, _OPERATOR_STATISTICS, (_END_TO_END,))
+        values: dict[str, int | None] = {name: req_int(stats, name, w) for name in _OPERATOR_STATISTICS}
+        values[_END_TO_END] = req_int(stats, _END_TO_END, w) if _END_TO_END in stats else None
+        return {"statistics": OperatorStatistics(**values)}  # type: ignore[arg-type]
 
     def _dump_checkpoint_extra(self, m: CheckpointMetadata, d: dict[str, Any]) -> None:
         d["statistics"] = None if m.statistics is None else {"duration_ms": m.statistics.duration_ms}

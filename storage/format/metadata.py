@@ -294,10 +294,15 @@ class OperatorStatistics:
     """From the first barrier received to the last one (0 for a source, or one input)."""
     acknowledged_subtasks: int
     """Subtasks that acknowledged the checkpoint."""
+    end_to_end_duration_ms: int | None = None
+    """From the trigger to the coordinator receiving the operator's last acknowledgement (Flink's per-operator
+    "end to end duration"); ``None``: not recorded (a ``_metadata`` written before keystate recorded it)."""
 
     def __post_init__(self) -> None:
         for name in ("sync_duration_ms", "async_duration_ms", "alignment_duration_ms", "acknowledged_subtasks"):
             _check_counter("operator statistics", name, getattr(self, name))
+        if self.end_to_end_duration_ms is not None:
+            _check_counter("operator statistics", "end_to_end_duration_ms", self.end_to_end_duration_ms)
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,6 +218,24 @@ def test_fulfill_finished_states(storage: CheckpointStorage, loop: asyncio.Abstr
     assert storage.load(completed.directory).metadata == meta
 
 
+def test_operator_statistics_take_the_maxima_and_the_last_acknowledgement(
+    storage: CheckpointStorage, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Per operator: the largest sync/async/alignment of its subtasks, how many acknowledged, and trigger
+    to its last acknowledgement (Flink's per-operator end-to-end duration)."""
+    topology = Topology((TopologyOperator("src", 3),))
+    acks = {
+        SubtaskId("src", i): SubtaskSnapshot(sync_duration_ms=s, async_duration_ms=a, alignment_duration_ms=g)
+        for i, (s, a, g) in enumerate([(1, 40, 0), (7, 10, 3), (2, 90, 1)])
+    }
+    p = pending(storage, topology, {}, acks, loop.create_future())
+    p.acked_at = {sub: p.started + delay for sub, delay in zip(acks, (0.05, 0.42, 0.2), strict=True)}
+
+    stats = operator(coordinator(storage, topology, [])._build_metadata(p), "src").statistics
+
+    assert stats == OperatorStatistics(7, 90, 3, acknowledged_subtasks=3, end_to_end_duration_ms=420)
+
+
 def test_running_subtasks_without_state_leave_no_entry(
     storage: CheckpointStorage, loop: asyncio.AbstractEventLoop
 ) -> None:

@@ -211,11 +211,11 @@ def incremental_operators() -> tuple[OperatorState, ...]:
         source,
         OperatorState(
             orders.uid, orders.parallelism, orders.max_parallelism, orders.inputs, subtasks=orders.subtasks,
-            statistics=OperatorStatistics(3, 41, 0, 2),
+            statistics=OperatorStatistics(3, 41, 0, 2, end_to_end_duration_ms=48),
         ),
         OperatorState(
             totals.uid, totals.parallelism, totals.max_parallelism, totals.inputs, subtasks=tuple(subtasks),
-            statistics=OperatorStatistics(5, 130, 17, 4),
+            statistics=OperatorStatistics(5, 130, 17, 4, end_to_end_duration_ms=171),
         ),
         OperatorState(
             audit.uid, audit.parallelism, audit.max_parallelism, audit.inputs,

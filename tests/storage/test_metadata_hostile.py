@@ -70,6 +70,10 @@ def names_field(message: str, field: str | int) -> bool:
 
 FIELDS = [path for path, _ in walk(sample_doc())]
 FIELD_IDS = [show(p) for p in FIELDS]
+OPTIONAL = {"end_to_end_duration_ms"}
+"""Fields a reader accepts missing (docs/format.md section 4.11); every other one is required."""
+REQUIRED = [path for path in FIELDS if path[-1] not in OPTIONAL]
+REQUIRED_IDS = [show(p) for p in REQUIRED]
 OBJECTS = [()] + [path for path, value in walk(sample_doc()) if isinstance(value, dict)]
 OBJECT_IDS = [show(p) or "<top>" for p in OBJECTS]
 
@@ -96,7 +100,7 @@ def test_the_walk_reaches_every_level() -> None:
     assert len(FIELDS) > 100
 
 
-@pytest.mark.parametrize("path", FIELDS, ids=FIELD_IDS)
+@pytest.mark.parametrize("path", REQUIRED, ids=REQUIRED_IDS)
 def test_each_required_field_missing(path: JsonPath) -> None:
     doc = mutated(path, lambda obj, key: obj.pop(key))
     field = path[-1]
@@ -109,6 +113,15 @@ def test_each_required_field_missing(path: JsonPath) -> None:
         assert "required field 'keyed' is missing" in message
     else:
         assert names_field(message, field), message
+
+
+def test_the_optional_fields_may_be_missing() -> None:
+    optional = [path for path in FIELDS if path[-1] in OPTIONAL]
+    assert optional, "the sample records an end-to-end duration"
+    for path in optional:
+        doc = mutated(path, lambda obj, key: obj.pop(key))
+        stats = parse(doc).operators[path[1]].statistics  # type: ignore[index]
+        assert stats is not None and stats.end_to_end_duration_ms is None, show(path)
 
 
 def wrong_type(value: object) -> list[object]:

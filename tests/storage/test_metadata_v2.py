@@ -109,7 +109,9 @@ def test_the_version_2_layout() -> None:
     assert list(totals)[-1] == "statistics"
     assert totals["statistics"] == {
         "sync_duration_ms": 5, "async_duration_ms": 130, "alignment_duration_ms": 17, "acknowledged_subtasks": 4,
+        "end_to_end_duration_ms": 171,
     }  # fmt: skip
+    assert "end_to_end_duration_ms" not in doc["operators"][3]["statistics"], "optional: absent when not recorded"
     assert doc["operators"][0]["statistics"] is None
     assert doc["operators"][4]["statistics"] is None
     exclusive = totals["subtasks"][0]["keyed"][0]
@@ -245,6 +247,20 @@ def test_valid_incremental_handles() -> None:
     assert [h.written_by for h in handle.streams()] == [1, 2, 7]
     assert KeyedStateHandle(GROUPS, (8, 8), shared(MAX_ID)).streams().__next__().written_by == MAX_ID
     assert OperatorStatistics(0, 0, 0, 0).acknowledged_subtasks == 0
+
+
+def test_end_to_end_duration_is_optional_and_checked() -> None:
+    doc = v2_doc()
+    totals = doc["operators"][2]["statistics"]
+    assert parse(doc).operators[2].statistics == OperatorStatistics(5, 130, 17, 4, end_to_end_duration_ms=171)
+    del totals["end_to_end_duration_ms"]  # a v2 file written before keystate recorded it
+    assert parse(doc).operators[2].statistics == OperatorStatistics(5, 130, 17, 4)
+    for bad in (-1, 1.5, "7", True, None, MAX_ID + 1):
+        totals["end_to_end_duration_ms"] = bad
+        with pytest.raises(MetadataError, match="end_to_end_duration_ms"):
+            parse(doc)
+    with pytest.raises(MetadataError, match="end_to_end_duration_ms"):
+        OperatorStatistics(0, 0, 0, 0, end_to_end_duration_ms=-3)
     assert CheckpointStatistics(MAX_ID).duration_ms == MAX_ID
 
 

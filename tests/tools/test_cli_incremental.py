@@ -95,7 +95,7 @@ def write_chain(root: Path) -> Chain:
                     OperatorState(
                         "totals", 1, 128, (InputEdge("src", Partitioning.HASH),),
                         subtasks=(SubtaskState(0, keyed=(handle,)),),
-                        statistics=OperatorStatistics(2, 40 + checkpoint_id, 7, 1),
+                        statistics=OperatorStatistics(2, 40 + checkpoint_id, 7, 1, 100 + checkpoint_id if checkpoint_id > 1 else None),
                     ),
                 ),
                 statistics=CheckpointStatistics(120 + checkpoint_id),
@@ -140,6 +140,7 @@ def test_inspect_json_adds_the_two_sizes_and_the_statistics(cli: Cli, chain: Cha
     assert ops["totals"]["handles"] == 3, "the base and two deltas"
     assert ops["totals"]["statistics"] == {
         "sync_duration_ms": 2, "async_duration_ms": 43, "alignment_duration_ms": 7, "acknowledged_subtasks": 1,
+        "end_to_end_duration_ms": 103,
     }  # fmt: skip
     assert (ops["src"]["incremental_state_bytes"], ops["src"]["full_state_bytes"], ops["src"]["statistics"]) == (
         0,
@@ -153,6 +154,10 @@ def test_inspect_json_of_the_base_checkpoint_is_full(cli: Cli, chain: Chain) -> 
     written, full = sizes(chain, 1)
     assert written == full
     assert (doc["incremental_state_bytes"], doc["full_state_bytes"], doc["incremental"]) == (written, full, False)
+    totals = next(o for o in doc["operators"] if o["uid"] == "totals")
+    assert totals["statistics"]["end_to_end_duration_ms"] is None, "not recorded in this _metadata: null"
+    table = cli("inspect", str(chain.checkpoint(1))).out
+    assert next(line for line in table.splitlines() if line.startswith("totals")).split()[-1] == "-"
 
 
 def test_inspect_table_shows_checkpointed_and_full_size_and_durations(cli: Cli, chain: Chain) -> None:
@@ -165,12 +170,13 @@ def test_inspect_table_shows_checkpointed_and_full_size_and_durations(cli: Cli, 
     assert "duration  122 ms (trigger to completion)" in lines
     header = next(line for line in lines if line.startswith("OPERATOR"))
     assert header.split() == ["OPERATOR", "PARALLELISM", "MAX", "PARALLELISM", "STATUS", "CHECKPOINTED", "FULL",
-                              "SIZE", "HANDLES", "KEY", "GROUPS", "SYNC", "ASYNC", "ALIGNMENT"]  # fmt: skip
+                              "SIZE", "HANDLES", "KEY", "GROUPS", "SYNC", "ASYNC", "ALIGNMENT", "END", "TO",
+                              "END"]  # fmt: skip
     totals = next(line for line in lines if line.startswith("totals"))
-    assert totals.split()[-6:] == ["2", "ms", "42", "ms", "7", "ms"]
+    assert totals.split()[-8:] == ["2", "ms", "42", "ms", "7", "ms", "102", "ms"]
     assert f"{written} B" in totals
     src = next(line for line in lines if line.startswith("src"))
-    assert src.split()[-3:] == ["-", "-", "-"], "no statistics recorded for src"
+    assert src.split()[-4:] == ["-", "-", "-", "-"], "no statistics recorded for src"
 
 
 def test_inspect_operator_lists_base_and_deltas_with_their_writers(cli: Cli, chain: Chain) -> None:
@@ -194,10 +200,12 @@ def test_list_marks_incremental_checkpoints(cli: Cli, chain: Chain) -> None:
         assert row["total_state_bytes"] == row["full_state_bytes"]
         assert row["statistics"] == {"duration_ms": 120 + checkpoint_id}
     table = cli("list", str(chain.root)).out.splitlines()
-    assert table[0].split()[:7] == ["KIND", "ID", "JOB", "AGE", "INCREMENTAL", "CHECKPOINTED", "FULL"]
+    assert table[0].split()[:9] == ["KIND", "ID", "JOB", "AGE", "INCREMENTAL", "CHECKPOINTED", "FULL", "SIZE",
+                                    "DURATION"]  # fmt: skip
     by_id = {line.split()[1]: line.split() for line in table[1:]}  # AGE is two words: "3m ago"
     assert [by_id[i][5] for i in ("1", "2", "3")] == ["no", "yes", "yes"]
     assert by_id["3"][6:8] == [str(sizes(chain, 3)[0]), "B"]
+    assert [by_id[i][10:12] for i in ("1", "2", "3")] == [["121", "ms"], ["122", "ms"], ["123", "ms"]]
 
 
 # --- verify -------------------------------------------------------------------------------------------
