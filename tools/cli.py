@@ -280,17 +280,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.duration is not None and args.duration <= 0:
         raise UsageError(f"--duration must be positive, found {args.duration}")
+    if args.ray_connect_timeout is not None and not args.ray_connect_timeout > 0:
+        raise UsageError(f"--ray-connect-timeout must be positive seconds, found {args.ray_connect_timeout}")
     if args.executor != "ray":
-        if args.ray_address is not None:
-            raise UsageError("--ray-address needs --executor ray")
+        for flag, value in (("--ray-address", args.ray_address), ("--ray-connect-timeout", args.ray_connect_timeout)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --executor ray")
         asyncio.run(run_demo(args.checkpoints, duration=args.duration))
         return EXIT_OK
     # Ray loads only here; without it RayExecutor raises ExecutorUnavailableError (exit 2, names the extra).
     from keystate.runtime.ray import RayExecutor
 
-    executor = RayExecutor(args.ray_address, num_cpus=None if args.ray_address else 2)
+    timeout = {} if args.ray_connect_timeout is None else {"connect_timeout": args.ray_connect_timeout}
+    executor = RayExecutor(args.ray_address, num_cpus=None if args.ray_address else 2, **timeout)
+    from keystate.runtime.executor import ClusterUnavailableError
+
     try:
         asyncio.run(run_demo(args.checkpoints, duration=args.duration, executor=executor))
+    except ClusterUnavailableError as exc:
+        # The executor's message names its Python parameter; here the setting is a flag.
+        message = str(exc).replace("(RayExecutor(connect_timeout=...))", "(--ray-connect-timeout)")
+        raise ClusterUnavailableError(message, address=exc.address, timeout=exc.timeout) from exc
     finally:
         if sys.modules.get("ray") is not None:
             executor.shutdown()
@@ -400,6 +410,12 @@ def build_parser(prog: str = "keystate") -> argparse.ArgumentParser:
         "(ray; a local Ray cluster with 2 CPUs unless --ray-address is given; needs pip install 'keystate[ray]')",
     )
     p.add_argument("--ray-address", metavar="ADDRESS", help="Ray cluster to run on: auto, host:port or ray://host:port")
+    p.add_argument(
+        "--ray-connect-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up connecting to --ray-address after this long (default 30)",
+    )
     p.set_defaults(run=_cmd_demo)
     return parser
 

@@ -121,7 +121,8 @@ def test_the_optional_fields_may_be_missing() -> None:
     for path in optional:
         doc = mutated(path, lambda obj, key: obj.pop(key))
         stats = parse(doc).operators[path[1]].statistics  # type: ignore[index]
-        assert stats is not None and stats.end_to_end_duration_ms is None, show(path)
+        assert stats is not None, show(path)
+        assert stats.end_to_end_duration_ms is None, show(path)
 
 
 def wrong_type(value: object) -> list[object]:

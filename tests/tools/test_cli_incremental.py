@@ -71,6 +71,7 @@ def write_chain(root: Path) -> Chain:
     try:
         total = backend.get_state(ValueStateDescriptor[int](name="total", serializer=IntSerializer(), default=0))
         for checkpoint_id in (1, 2, 3):
+            end_to_end = 100 + checkpoint_id if checkpoint_id > 1 else None  # checkpoint 1: not recorded
             for i in range(300) if checkpoint_id == 1 else range(0, 300, 50):
                 key = f"user-{i:03d}"
                 backend.set_current_key(key)
@@ -95,7 +96,7 @@ def write_chain(root: Path) -> Chain:
                     OperatorState(
                         "totals", 1, 128, (InputEdge("src", Partitioning.HASH),),
                         subtasks=(SubtaskState(0, keyed=(handle,)),),
-                        statistics=OperatorStatistics(2, 40 + checkpoint_id, 7, 1, 100 + checkpoint_id if checkpoint_id > 1 else None),
+                        statistics=OperatorStatistics(2, 40 + checkpoint_id, 7, 1, end_to_end),
                     ),
                 ),
                 statistics=CheckpointStatistics(120 + checkpoint_id),
