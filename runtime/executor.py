@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from keystate.storage.format.topology import Topology
 
 __all__ = [
+    "ClusterConflictError",
     "ClusterUnavailableError",
     "Deployment",
     "EmbeddedExecutor",
@@ -69,7 +70,22 @@ class ExecutorUnavailableError(ExecutorError):
 
 
 class ClusterUnavailableError(ExecutorError):
-    """The cluster could not be reached (or started) within the configured time."""
+    """The cluster could not be reached (or started) within the configured time.
+
+    Attributes:
+        address: the cluster address asked for (``None``: a local cluster the executor was to start).
+        timeout: the connect timeout in seconds when it ran out (``None``: the connection failed otherwise).
+    """
+
+    def __init__(self, message: str, *, address: str | None = None, timeout: float | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+        self.timeout = timeout
+
+
+class ClusterConflictError(ExecutorError):
+    """The executor was given a cluster or a setting that the engine session this process already has
+    cannot honour (Ray initialised with another cluster, or a runtime environment fixed at ``ray.init``)."""
 
 
 class StorageNotSharedError(ExecutorError):

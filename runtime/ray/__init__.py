@@ -14,6 +14,7 @@ without Ray installed raises :class:`ExecutorUnavailableError` naming ``pip inst
 from __future__ import annotations
 
 from keystate.runtime.executor import (
+    ClusterConflictError,
     ClusterUnavailableError,
     ExecutorError,
     ExecutorUnavailableError,
@@ -21,9 +22,12 @@ from keystate.runtime.executor import (
     StorageNotSharedError,
 )
 from keystate.runtime.ray._executor import INSTALL_HINT, RayExecutor, actor_of
+from keystate.runtime.ray._messages import AcknowledgementError
 
 __all__ = [
     "INSTALL_HINT",
+    "AcknowledgementError",
+    "ClusterConflictError",
     "ClusterUnavailableError",
     "ExecutorError",
     "ExecutorUnavailableError",

@@ -23,7 +23,7 @@ from keystate.runtime.errors import JobError, TaskFailedError
 from keystate.runtime.events import CheckpointOptions
 from keystate.runtime.executor import Deployment, JobRun, ObservedCheckpointStorage
 from keystate.runtime.plan import SubtaskId, SubtaskStatus
-from keystate.runtime.ray._messages import snapshot_from_json
+from keystate.runtime.ray._messages import AcknowledgementError, snapshot_from_json
 from keystate.runtime.task import TaskState
 from keystate.storage.checkpoints import CheckpointWriter
 from keystate.storage.errors import KeystateError
@@ -47,6 +47,9 @@ class RemoteTask:
         self.sub = sub
         self.actor = actor
         self.pid: int | None = None
+        """The worker's process id (``None`` until the actor is connected)."""
+        self.node_id: str | None = None
+        """The Ray node the worker runs on (``None`` until the actor is connected)."""
         self._deployment = deployment
         self._status = SubtaskStatus.NOT_RUNNING
         self._last: asyncio.Future[None] | None = None
@@ -111,7 +114,8 @@ class RemoteTask:
             except RayError as exc:
                 self._status = SubtaskStatus.NOT_RUNNING
                 self._deployment.ready.set()
-                where = f" (pid {self.pid})" if self.pid is not None else ""
+                node = f" on node {self.node_id}" if self.node_id is not None else ""
+                where = f" (pid {self.pid}{node})" if self.pid is not None else ""
                 raise TaskFailedError(
                     f"task {self.sub} failed: its worker process{where} died: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}"
@@ -128,7 +132,16 @@ class RemoteTask:
             self._deployment.task_running()
         elif kind == "ack":
             checkpoint_id, text = event[1], event[2]
-            snapshot = snapshot_from_json(text, where=f"acknowledgement of checkpoint {checkpoint_id} by {self.sub}")
+            if isinstance(checkpoint_id, bool) or not isinstance(checkpoint_id, int):
+                raise TaskFailedError(f"task {self.sub} acknowledged a checkpoint id {checkpoint_id!r}, not an integer")
+            try:
+                snapshot = snapshot_from_json(text, subtask=str(self.sub), checkpoint_id=checkpoint_id)
+            except AcknowledgementError as exc:
+                # Its state cannot be vouched for, so the checkpoint cannot complete: declined (counted, as a
+                # failed async part is), nothing reaches the coordinator or the shared-state registry.
+                log.warning("%s", exc)
+                coordinator.decline(self.sub, checkpoint_id, exc)
+                return False
             writer = coordinator.writer_for(checkpoint_id)
             if writer is not None:
                 try:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
+import os
+import socket
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from keystate.runtime.executor import (
+    ClusterConflictError,
     ClusterUnavailableError,
     Deployment,
     Executor,
@@ -61,16 +65,24 @@ class RayExecutor(Executor):
     """Run every subtask in a Ray actor; ``JobConfig(executor=RayExecutor(...))``.
 
     Args:
-        address: the cluster: ``None`` starts a local Ray cluster in this process (unless Ray is already
-            initialized, which is then used), ``"auto"`` joins the cluster of this machine, ``"host:port"``
-            or ``"ray://host:10001"`` (Ray client) a remote one.
-        connect_timeout: seconds to connect to a cluster at ``address`` before :class:`ClusterUnavailableError`
-            (a local cluster's start is not bounded by it).
+        address: the cluster: ``None`` starts a new local Ray cluster in this process (unless Ray is already
+            initialized, which is then used, or ``RAY_ADDRESS`` names a cluster, as for ``ray.init()``; a
+            cluster already running on this machine is not joined: ``"auto"`` does that); ``"auto"`` joins
+            the cluster of this machine, ``"host:port"`` or ``"ray://host:10001"`` (Ray client) a remote one.
+        connect_timeout: seconds to connect to a cluster at ``address`` before :class:`ClusterUnavailableError`:
+            the TCP reachability check of ``host:port`` (retried until the time runs out) and ``ray.init``
+            together. A local cluster's start (``address=None``) is not bounded by it: it runs on the
+            event loop's thread (Ray's processes die with the thread that started them) and fails on its own.
         runtime_env: Ray's runtime environment for the workers (``pip``, ``env_vars``, ``working_dir``, ...);
-            keystate must be importable in the workers.
-        num_cpus: CPUs of a local cluster this executor starts (``None``: Ray's default, all cores).
+            keystate must be importable in the workers. Given to ``ray.init`` when the executor initialises
+            Ray; with Ray already initialised by someone else it cannot be applied (see :meth:`start`).
+        num_cpus: CPUs of a local cluster this executor starts (``None``: Ray's default, all cores); only
+            with ``address=None``, as Ray refuses it when connecting to an existing cluster.
         actor_options: Ray actor options of every subtask's actor (default ``{"num_cpus": 0}``: a subtask
             reserves no CPU, so a job of any parallelism fits on a small cluster).
+
+    Raises:
+        ValueError: ``connect_timeout`` is not positive, or ``num_cpus`` is given with an ``address``.
     """
 
     observed_storage = True
@@ -86,12 +98,19 @@ class RayExecutor(Executor):
     ) -> None:
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be positive seconds, found {connect_timeout}")
+        if num_cpus is not None and address is not None:
+            raise ValueError(
+                f"num_cpus sizes a local cluster the executor starts (address=None); the cluster at {address!r} "
+                "has its own CPUs (give num_cpus to `ray start` there, or leave it out)"
+            )
         self.address = address
         self.connect_timeout = connect_timeout
         self.runtime_env = dict(runtime_env) if runtime_env is not None else None
         self.num_cpus = num_cpus
         self.actor_options = dict(actor_options) if actor_options is not None else {"num_cpus": 0}
         self._actor_class: Any = None
+        self._owns_session = False
+        """This executor initialised the process's Ray session (connected, or started a local cluster)."""
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r})"
@@ -116,10 +135,11 @@ class RayExecutor(Executor):
             )
         dumps = ray.cloudpickle.dumps
         for spec in graph.operators.values():
-            role = "source" if spec.source is not None else ("sink" if spec.uid in _sinks(graph) else "operator")
-            parts: list[tuple[str, object]] = [(f"{role} {type(spec.prototype).__name__}", spec.prototype)]
-            if spec.source is not None:
+            parts: list[tuple[str, object]] = []
+            if spec.source is not None:  # before the operator that wraps it, so the source is the one named
                 parts.append((f"source {type(spec.source).__name__}", spec.source))
+            role = "source" if spec.source is not None else ("sink" if spec.uid in _sinks(graph) else "operator")
+            parts.append((f"{role} {type(spec.prototype).__name__}", spec.prototype))
             parts += [(f"key selector of its input from {i.source!r}", i.key_selector) for i in spec.inputs]
             parts.append(("key serializer", spec.key_serializer))
             for what, obj in parts:
@@ -132,14 +152,28 @@ class RayExecutor(Executor):
     async def start(self, run: JobRun) -> None:
         """Connect to (or start) the cluster within ``connect_timeout``; refuse local storage on many nodes.
 
+        If Ray is already initialised in this process by someone else (your own ``ray.init``), that session
+        is used, and the executor's own settings are checked against it rather than dropped:
+
+        - ``address``: must name the session's cluster (the same GCS ``host:port``; ``"auto"``: a cluster
+          with a node on this machine; ``"ray://..."``: a Ray Client session), else ``ClusterConflictError``;
+        - ``runtime_env``: is fixed when Ray is initialised, so unless it equals the session's own it cannot
+          be applied: ``ClusterConflictError`` (give it to your ``ray.init``, or per actor through
+          ``actor_options={"runtime_env": ...}``);
+        - ``num_cpus``: does not apply to a running session; a WARNING names it if the session's CPUs differ.
+
         Raises:
             ExecutorUnavailableError: Ray is not installed.
             ClusterUnavailableError: the cluster was not reached in time.
+            ClusterConflictError: Ray is already initialised with another cluster or runtime environment.
             StorageNotSharedError: a local checkpoint path while the cluster has more than one node.
         """
         ray = import_ray()
         if not ray.is_initialized():
             await self._connect(ray)
+            self._owns_session = True
+        elif not self._owns_session:
+            self._check_session(ray)
         location = parse_location(run.config.checkpoint.storage)
         if location.scheme == "file":
             nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -150,17 +184,59 @@ class RayExecutor(Executor):
                     "(CheckpointConfig(storage=...))"
                 )
 
+    def _check_session(self, ray: Any) -> None:
+        """Compare this executor's settings with the Ray session someone else initialised (see :meth:`start`)."""
+        via_client = bool(ray.util.client.ray.is_connected())
+        gcs = None if via_client else str(ray.get_runtime_context().gcs_address)
+        running = "a Ray Client session" if via_client else f"the cluster at {gcs!r}"
+        if self.address is not None:
+            if self.address.startswith("ray://"):
+                # The server address of a Ray Client session has no public accessor: a client session is taken
+                # to be the one meant (Ray allows one per process).
+                same = via_client
+            elif self.address == "auto":
+                same = gcs is not None and _is_local(gcs.rpartition(":")[0], ray)
+            else:
+                same = gcs is not None and _same_endpoint(self.address, gcs, ray)
+            if not same:
+                raise ClusterConflictError(
+                    f"RayExecutor(address={self.address!r}) but Ray is already initialised in this process, "
+                    f"connected to {running}; use RayExecutor() to run there, or ray.shutdown() first"
+                )
+        if self.runtime_env is not None:
+            current = dict(ray.get_runtime_context().runtime_env or {})
+            if current != self.runtime_env:
+                raise ClusterConflictError(
+                    "RayExecutor(runtime_env=...) cannot be applied: Ray is already initialised in this process "
+                    "and its runtime environment was fixed then; pass it to your ray.init(runtime_env=...), or "
+                    "per actor as RayExecutor(actor_options={'runtime_env': ...})"
+                )
+        if self.num_cpus is not None:
+            cpus = ray.cluster_resources().get("CPU")
+            if cpus is None or int(cpus) != self.num_cpus:
+                log.warning(
+                    "RayExecutor(num_cpus=%d) does not apply: Ray is already initialised in this process (%s, %s "
+                    "CPUs), and the job runs there",
+                    self.num_cpus,
+                    running,
+                    "unknown" if cpus is None else f"{cpus:g}",
+                )
+
     async def _connect(self, ray: Any) -> None:
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if self.runtime_env is not None:
             kwargs["runtime_env"] = self.runtime_env
         if self.address is None:
-            if self.num_cpus is not None:
-                kwargs["num_cpus"] = self.num_cpus
-        else:
-            kwargs["address"] = self.address
-            kwargs.pop("include_dashboard")
-        if self.address is None:
+            if os.environ.get("RAY_ADDRESS"):
+                # Ray's convention (a script run by `ray job submit`): the cluster named there, as ray.init() does.
+                if self.num_cpus is not None:
+                    log.warning("RayExecutor(num_cpus=%d) does not apply: RAY_ADDRESS names a cluster", self.num_cpus)
+            else:
+                # "local": a new cluster of this process, never one that ray.init() would find running on this
+                # machine (another user's `ray start`, another process's cluster).
+                kwargs["address"] = "local"
+                if self.num_cpus is not None:
+                    kwargs["num_cpus"] = self.num_cpus
             # On this thread, blocking the loop for the few seconds the start takes: Ray's processes die with
             # the thread that started them (PR_SET_PDEATHSIG), so never from a helper thread.
             try:
@@ -169,33 +245,80 @@ class RayExecutor(Executor):
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ClusterUnavailableError(f"could not start a local Ray cluster: {first}") from exc
             return
+        kwargs["address"] = self.address
+        kwargs.pop("include_dashboard")
         where = f"the Ray cluster at {self.address!r}"
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        await self._reachable(where, deadline)
         outcome: asyncio.Future[None] = loop.create_future()
 
         def connect() -> None:
             # A daemon thread, not asyncio.to_thread: a connection that hangs past the timeout must not
-            # keep the interpreter from exiting.
+            # keep the interpreter from exiting. Ray warns that it sets no SIGTERM handler off the main
+            # thread; that is intended here, and the line would only puzzle a user.
+            worker_log = logging.getLogger("ray._private.worker")
+            worker_log.addFilter(_no_sigterm_warning)
             try:
                 ray.init(**kwargs)
             except BaseException as exc:
                 loop.call_soon_threadsafe(_settle, outcome, exc)
             else:
                 loop.call_soon_threadsafe(_settle, outcome, None)
+            finally:
+                worker_log.removeFilter(_no_sigterm_warning)
 
         threading.Thread(target=connect, name="keystate-ray-connect", daemon=True).start()
         try:
-            await asyncio.wait_for(asyncio.shield(outcome), self.connect_timeout)
+            await asyncio.wait_for(asyncio.shield(outcome), max(deadline - loop.time(), 0.0))
         except TimeoutError:
             raise ClusterUnavailableError(
-                f"could not connect to {where} within {self.connect_timeout:g} s (RayExecutor(connect_timeout=...))"
+                f"could not connect to {where} within {self.connect_timeout:g} s (RayExecutor(connect_timeout=...))",
+                address=self.address,
+                timeout=self.connect_timeout,
             ) from None
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ClusterUnavailableError(f"could not connect to {where}: {first}") from exc
+            raise ClusterUnavailableError(f"could not connect to {where}: {first}", address=self.address) from exc
+
+    async def _reachable(self, where: str, deadline: float) -> None:
+        """Wait until ``host:port`` of the address accepts a TCP connection, retrying until ``deadline``.
+
+        Before ``ray.init``: an address nobody listens on then fails here, with one message and none of Ray's
+        own log lines (its C++ client logs to stderr before any Python setting applies). ``"auto"`` has no
+        host to try (Ray finds the local cluster itself, and fails at once if there is none).
+        """
+        assert self.address is not None
+        endpoint = _endpoint(self.address)
+        if endpoint is None:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                _reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(*endpoint), max(deadline - loop.time(), 0.001)
+                )
+            except (OSError, TimeoutError) as exc:
+                problem = str(exc) or type(exc).__name__
+                if loop.time() + _PROBE_PAUSE >= deadline:
+                    raise ClusterUnavailableError(
+                        f"could not connect to {where} within {self.connect_timeout:g} s: {problem} "
+                        "(RayExecutor(connect_timeout=...))",
+                        address=self.address,
+                        timeout=self.connect_timeout,
+                    ) from exc
+                await asyncio.sleep(_PROBE_PAUSE)  # a head node that is (re)starting: try again
+            else:
+                writer.close()
+                return
 
     def shutdown(self) -> None:
-        """Disconnect from the cluster (and stop a local cluster this process started)."""
+        """Shut down the Ray session this executor initialised: its connection to a cluster, or the local
+        cluster it started. A session initialised by someone else (your ``ray.init``) is left running."""
+        if not self._owns_session:
+            log.debug("RayExecutor.shutdown: Ray was initialised by someone else, left running")
+            return
+        self._owns_session = False
         ray = import_ray()
         if ray.is_initialized():
             ray.shutdown()
@@ -267,14 +390,64 @@ class RayExecutor(Executor):
         deployment = RayDeployment(run, actors)
         peers = {str(sub): actor for sub, actor in actors.items()}
         try:
-            pids = await asyncio.gather(*(actor.connect.remote(peers) for actor in actors.values()))
-            for task, pid in zip(deployment.tasks.values(), pids, strict=True):
-                task.pid = pid
+            placed = await asyncio.gather(*(actor.connect.remote(peers) for actor in actors.values()))
+            for task, (pid, node_id) in zip(deployment.tasks.values(), placed, strict=True):
+                task.pid, task.node_id = pid, node_id
             await asyncio.gather(*(actor.start.remote() for actor in actors.values()))
         except BaseException:
             await deployment.close()
             raise
         return deployment
+
+
+_PROBE_PAUSE = 0.2
+"""Seconds between two TCP reachability checks of a cluster address."""
+
+
+def _no_sigterm_warning(record: logging.LogRecord) -> bool:
+    return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _endpoint(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``"host:port"`` or ``"ray://host:port"`` (``None``: ``"auto"``, or no port)."""
+    rest = address.removeprefix("ray://")
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal
+    if not host or not port.isdigit():
+        return None
+    return host, int(port)
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return {host}
+
+
+def _is_local(host: str, ray: Any) -> bool:
+    """Whether ``host`` is this machine: a loopback address, or the address Ray knows this node by."""
+    node = str(ray.util.get_node_ip_address())
+    return any(a == node or ipaddress.ip_address(a).is_loopback for a in _addresses(host) if _is_ip(a))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _same_endpoint(address: str, gcs: str, ray: Any) -> bool:
+    """Whether ``address`` (``"host:port"``) names the GCS at ``gcs``: the same port, and hosts that resolve to
+    a common address or are both this machine (``localhost:6379`` is the local node's ``10.0.0.5:6379``)."""
+    mine, theirs = _endpoint(address), _endpoint(gcs)
+    if mine is None or theirs is None or mine[1] != theirs[1]:
+        return False
+    if _addresses(mine[0]) & _addresses(theirs[0]):
+        return True
+    return _is_local(mine[0], ray) and _is_local(theirs[0], ray)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -133,8 +133,9 @@ class SubtaskWorker:
 
     # --- wiring --------------------------------------------------------------------------------------
 
-    async def connect(self, peers: Mapping[str, Any]) -> int:
-        """Build the task, its channels to ``peers`` (subtask name -> actor handle). Returns the pid."""
+    async def connect(self, peers: Mapping[str, Any]) -> tuple[int, str]:
+        """Build the task, its channels to ``peers`` (subtask name -> actor handle). Returns the worker's
+        pid and the id of the Ray node it runs on."""
         bp = self._bp
         self._event_ready = asyncio.Event()
         wakeup = asyncio.Event()
@@ -195,7 +196,9 @@ class SubtaskWorker:
             checkpoint_config=bp.checkpoint,
         )
         self._task.on_finished = self._report_finished
-        return os.getpid()
+        import ray
+
+        return os.getpid(), str(ray.get_runtime_context().get_node_id())
 
     async def start(self) -> None:
         """Start the task; it runs (takes triggers) when this returns."""

@@ -48,6 +48,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         for name, value in worker_env.items():
             mp.setenv(name, value)
         ray.init(
+            address="local",  # a cluster of its own, even if another one runs on this machine
             num_cpus=CPUS,
             include_dashboard=False,
             object_store_memory=256 << 20,

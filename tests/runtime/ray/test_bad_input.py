@@ -7,7 +7,8 @@ starts, with one clear message, and nothing is lost.
 - an unreachable cluster address fails within the configured ``connect_timeout``;
 - a local checkpoint path on a cluster of several nodes is refused, pointing to S3: a real two-node
   cluster (``ray.cluster_utils.Cluster``: two raylets on this machine) in a subprocess;
-- an operator that cannot be shipped to a worker process is named at ``submit``, before anything starts.
+- an operator, source, sink, key selector, store wrapper or state backend that cannot be shipped to a worker
+  process is named at ``submit``, before anything starts.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from keystate.runtime import JobGraph, Operator, SequenceSource, TransactionalFileSink, submit
+from keystate.runtime.config import CheckpointConfig
 from keystate.runtime.executor import NotShippableError
-from tests.runtime.e2e_support import run
+from keystate.statebackend.backends import HeapStateBackend
+from tests.runtime.e2e_support import RunningCount, run
 from tests.runtime.ray.conftest import ROOT
 from tests.runtime.ray.support import config_on
 
@@ -70,6 +74,7 @@ def _python(tmp_path: Path, code: str, *, without_ray: bool = False, timeout: fl
     )  # fmt: skip
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["stderr"] = done.stderr
     return result
 
 
@@ -146,19 +151,30 @@ def test_demo_with_executor_ray_without_ray_is_one_line_exit_2(tmp_path: Path) -
     assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").rglob("_metadata"))
 
 
+TIMEOUT = 3.0
+MARGIN = 2.0
+"""What an unreachable address may take beyond ``connect_timeout``: Ray is imported before the clock starts,
+so what is left is building the job and the event loop's start (tens of milliseconds), one last reachability
+check (at most ``_PROBE_PAUSE``, 0.2 s, past the deadline) and scheduling delays on a shared 2-core machine."""
+
+
 def test_unreachable_address_fails_within_the_connect_timeout(tmp_path: Path) -> None:
     code = (
         _FAILING_RUN
-        + """
+        + f"""
+import ray  # imported before the clock starts: importing Ray takes seconds on a loaded machine
 from keystate.runtime.ray import RayExecutor
-print(json.dumps(attempt(lambda: RayExecutor(address="127.0.0.1:9", connect_timeout=3.0))))
+print(json.dumps(attempt(lambda: RayExecutor(address="127.0.0.1:9", connect_timeout={TIMEOUT}))))
 """
     )
     outcome = _python(tmp_path, code)
     assert outcome["type"] == "ClusterUnavailableError", outcome
     assert "127.0.0.1:9" in outcome["message"]
+    assert f"within {TIMEOUT:g} s" in outcome["message"]
     assert "\n" not in outcome["message"], "one line"
-    assert outcome["elapsed"] < 3.0 + 15.0, f"took {outcome['elapsed']:.1f} s with connect_timeout=3"
+    # Nobody listens at 127.0.0.1:9: the executor retries until the timeout (a head node may be starting).
+    assert TIMEOUT - 0.5 < outcome["elapsed"] < TIMEOUT + MARGIN, f"took {outcome['elapsed']:.1f} s, timeout {TIMEOUT}"
+    assert outcome["stderr"] == "", "Ray printed nothing: with the address unreachable, ray.init never ran"
     assert not outcome["output"]
     assert not outcome["checkpoints"]
 
@@ -175,7 +191,10 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_
 cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 try:
-    local = attempt(lambda: RayExecutor(address=cluster.address))
+    executor = RayExecutor(address=cluster.address)
+    local = attempt(lambda: executor)
+    executor.shutdown()  # the executor connected, so its shutdown disconnects
+    local["connected_after_shutdown"] = ray.is_initialized()
 finally:
     ray.shutdown()
     cluster.shutdown()
@@ -184,6 +203,7 @@ print(json.dumps(local))
     )
     outcome = _python(tmp_path, code, timeout=180)
     assert outcome["type"] == "StorageNotSharedError", outcome
+    assert outcome["connected_after_shutdown"] is False, "RayExecutor.shutdown() ends the session it initialised"
     assert "s3://" in outcome["message"], "the message points to S3"
     assert "\n" not in outcome["message"], "one line"
     assert not outcome["output"]
@@ -217,6 +237,85 @@ def test_unpicklable_operator_is_named_before_the_job_starts(tmp_path: Path, ray
     message = str(refused.value)
     assert "locked" in message, message
     assert "HoldsALock" in message or "lock" in message.replace("locked", ""), message
+    assert "\n" not in message, "one line"
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+class LockedHeap(HeapStateBackend):
+    """The heap state backend, holding a lock: it cannot be shipped to a worker."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+def _unshippable_source(job: JobGraph, out: str) -> CheckpointConfig | None:
+    lock = threading.Lock()
+    job.source(SequenceSource(10, make=lambda n: (lock, n)[1]), uid="numbers").sink(
+        TransactionalFileSink(out), uid="sink"
+    )
+    return None
+
+
+def _unshippable_sink(job: JobGraph, out: str) -> CheckpointConfig | None:
+    job.source(SequenceSource(10), uid="numbers").sink(HoldsALock(), uid="locked-sink")
+    return None
+
+
+def _unshippable_key_selector(job: JobGraph, out: str) -> CheckpointConfig | None:
+    lock = threading.Lock()
+    keyed = job.source(SequenceSource(10), uid="numbers").key_by(lambda n: (lock, n % 3)[1])
+    keyed.process(RunningCount(), uid="counts").sink(TransactionalFileSink(out), uid="sink")
+    return None
+
+
+def _unshippable_store_wrapper(job: JobGraph, out: str) -> CheckpointConfig | None:
+    _unshippable_sink_free(job, out)
+    lock = threading.Lock()
+    return CheckpointConfig(interval=0.1, wrap_store=lambda store: (lock, store)[1])
+
+
+def _unshippable_sink_free(job: JobGraph, out: str) -> None:
+    job.source(SequenceSource(10), uid="numbers").sink(TransactionalFileSink(out), uid="sink")
+
+
+def _unshippable_state_backend(job: JobGraph, out: str) -> CheckpointConfig | None:
+    _unshippable_sink_free(job, out)
+    return None
+
+
+@pytest.mark.parametrize(
+    ("build", "named"),
+    [
+        (_unshippable_source, "'numbers' (source SequenceSource) cannot be shipped to a Ray worker"),
+        (_unshippable_sink, "'locked-sink' (sink HoldsALock) cannot be shipped to a Ray worker"),
+        (_unshippable_key_selector, "'counts' (key selector of its input from 'numbers') cannot be shipped"),
+        (_unshippable_store_wrapper, "CheckpointConfig.wrap_store cannot be shipped to a Ray worker"),
+        (_unshippable_state_backend, "state backend LockedHeap cannot be shipped to a Ray worker"),
+    ],
+    ids=["source", "sink", "key-selector", "store-wrapper", "state-backend"],
+)
+def test_every_part_that_cannot_be_shipped_is_named_at_submit(tmp_path: Path, build: Any, named: str) -> None:
+    """Each part a worker unpickles (docs/ray.md#limits) is checked at ``submit``: a lock reached from it (an
+    attribute, or a lambda's closure) is named, before Ray starts or anything is written."""
+    from keystate.runtime.ray import RayExecutor
+
+    job = JobGraph("unshippable")
+    checkpoint = build(job, str(tmp_path / "out"))
+    config = config_on(RayExecutor(), tmp_path, interval=0.1)
+    if checkpoint is not None:
+        config = replace(config, checkpoint=replace(config.checkpoint, wrap_store=checkpoint.wrap_store))
+    if build is _unshippable_state_backend:
+        config = replace(config, state_backend=LockedHeap())
+
+    async def scenario() -> None:
+        submit(job, config)
+
+    with pytest.raises(NotShippableError) as refused:
+        run(scenario())
+    message = str(refused.value)
+    assert named in message, message
+    assert "it cannot be pickled" in message, message
     assert "\n" not in message, "one line"
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "checkpoints").exists()
