@@ -3,14 +3,18 @@
 The commit writes ``_metadata`` create-only. If the create finds an object, the commit compares bytes:
 identical bytes mean our own retried PUT landed (success); different bytes mean another writer won
 (``CommitConflictError``). A failure whose outcome cannot be read back is ``CommitOutcomeUnknownError``.
-Shared state streams (under the job's ``shared/`` directory) get unique names and record the checkpoint
-that wrote them (``written_by``).
+Shared state streams (under the job's ``shared/`` directory) get unique names below a directory named
+after the checkpoint that writes them, ``by-chk-<id>/`` (:func:`shared_file_path`), and record it
+(``written_by``). Before the commit, every shared file the metadata references must be in the store with
+the size its handle records: a file deleted meanwhile (an orphan removal of another run) is never
+committed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -37,9 +41,29 @@ from keystate.storage.streams import StateOutputStream, state_file_name
 if TYPE_CHECKING:
     from keystate.storage.checkpoints import CheckpointStorage
 
-__all__ = ["CheckpointWriter"]
+__all__ = ["CheckpointWriter", "shared_file_path", "shared_file_writer"]
 
 log = logging.getLogger(__name__)
+
+SHARED_WRITER_PREFIX = "by-chk-"
+"""Shared files live under ``shared/by-chk-<id>/``, ``<id>`` being the checkpoint that wrote them."""
+_SHARED_WRITER_DIR = re.compile(r"by-chk-(0|[1-9][0-9]{0,18})")
+
+
+def shared_file_path(checkpoint_id: int, hint: str) -> str:
+    """A new shared file's path relative to the job's ``shared/`` directory:
+    ``by-chk-<checkpoint_id>/<hint segments>/<last segment>-<16 hex>.ksf``. The first segment names the
+    checkpoint that writes the file, so that the orphan removal of a later run can tell which checkpoint
+    an unreferenced file belongs to without reading it (``SharedStateRegistry.remove_orphans``)."""
+    return f"{SHARED_WRITER_PREFIX}{checkpoint_id}/{state_file_name(hint)}"
+
+
+def shared_file_writer(path: str) -> int | None:
+    """The checkpoint that wrote the shared file at ``path`` (relative to ``shared/``), from its first
+    segment ``by-chk-<id>``; ``None`` for a path without one (written by an older keystate, or by hand)."""
+    head, sep, _ = path.partition("/")
+    found = _SHARED_WRITER_DIR.fullmatch(head) if sep else None
+    return None if found is None else int(found.group(1))
 
 
 class CheckpointWriter:
@@ -156,7 +180,7 @@ class CheckpointWriter:
         stream = (_SharedOutputStream if shared else StateOutputStream)(
             self._storage.store,
             directory,
-            state_file_name(hint),
+            shared_file_path(self.checkpoint_id, hint) if shared else state_file_name(hint),
             scope,
             self._storage.options,
             self._track,
@@ -180,17 +204,23 @@ class CheckpointWriter:
         ``exclusive``: a path inside this checkpoint's directory) must have been written by this writer
         (a stream it closed successfully) or vouched for with :meth:`adopt`: a file written elsewhere
         (another process's writer) is accepted only once adopted. This costs no I/O. Inline handles
-        have no file; shared files are not checked (an incremental checkpoint reuses them from earlier
-        checkpoints). A refused commit leaves the writer as it was: adopt what is missing and commit
-        again, or :meth:`abort`.
+        have no file. Every **shared** file the metadata references, the ones this checkpoint wrote
+        (``written_by`` = its id) and the ones it reuses from earlier checkpoints, must be in the store
+        with the size its handle records: another run's orphan removal may have deleted it (a zombie
+        writer's files, or a base only this writer's subtasks still built on), and a complete checkpoint
+        must never point at nothing. This costs one listing of the job's ``shared/`` directory (on S3,
+        one request per 1000 files). A refused
+        commit leaves the writer as it was: adopt what is missing and commit again, or :meth:`abort`.
 
         Raises:
-            MissingStateFilesError: the metadata references exclusive files neither written nor adopted
-                (a ``CommitFailedError``; nothing was written).
+            MissingStateFilesError: the metadata references exclusive files neither written nor adopted,
+                or shared files not in the store or of another size (a ``CommitFailedError``; nothing
+                was written).
             CommitConflictError: another writer already committed this checkpoint id.
-            CommitFailedError: the commit did not happen; nothing changed. Also when the metadata is over
-                what a reader accepts (``validation.MAX_DOCUMENT_BYTES``, ``MAX_DOCUMENT_CONTAINERS``):
-                then nothing was written and the writer is as it was.
+            CommitFailedError: the commit did not happen; nothing changed. Also when the shared files
+                could not be listed, or the metadata is over what a reader accepts
+                (``validation.MAX_DOCUMENT_BYTES``, ``MAX_DOCUMENT_CONTAINERS``): then nothing was written
+                and the writer is as it was.
             CommitOutcomeUnknownError: the write failed in a way that may or may not have committed.
         """
         if (metadata.job_id, metadata.checkpoint_id, metadata.kind) != (
@@ -203,6 +233,7 @@ class CheckpointWriter:
                 f"the location {self.location} ({self.kind} {self.checkpoint_id} of job {self.job_id})"
             )
         self._check_files(metadata)
+        self._check_shared_files(metadata)
         data = dump_metadata(metadata)
         try:
             # What no reader would accept is not committed (a refused commit leaves the writer as it was).
@@ -263,6 +294,51 @@ class CheckpointWriter:
             f"so they may not exist ({shown}{more}); nothing was written. Adopt the handles other writers "
             "(worker processes) shipped with writer.adopt(handles) before committing, or take the snapshot again",
             missing,
+        )
+
+    def _check_shared_files(self, metadata: CheckpointMetadata) -> None:
+        """Raise ``MissingStateFilesError`` if a shared file the metadata references is not in the store
+        with the size its handle records (``CommitFailedError`` if the store cannot tell)."""
+        references = [
+            (op.uid, st.index, handle)
+            for op in metadata.operators
+            for st in op.subtasks
+            for handle in st.handles()
+            if handle.scope is HandleScope.SHARED and handle.path is not None
+        ]
+        if not references:
+            return
+        shared_dir = join_key(self._storage.job_directory(self.job_id), SHARED_DIR)
+        store = self._storage.store
+        try:  # one listing (on S3, one request per 1000 files), however long the chains are
+            found: dict[str, int] = {
+                info.key[len(shared_dir) + 1 :]: info.size
+                for info in store.list_objects(shared_dir)
+                if info.key.startswith(shared_dir + "/")
+            }
+        except StorageError as exc:
+            raise CommitFailedError(
+                f"{self.location}: refusing to commit {self.kind} {self.checkpoint_id} of job {self.job_id}: "
+                f"could not check that its shared state files exist ({exc}); nothing was written; commit again"
+            ) from exc
+        bad = [(uid, index, h) for uid, index, h in references if found.get(h.path or "") != h.size]
+        if not bad:
+            return
+
+        def what(h: StreamHandle) -> str:
+            size = found.get(h.path or "")
+            state = "not in the store" if size is None else f"{size} bytes in the store"
+            return f"{h.describe} (written by checkpoint {h.written_by}; expected {h.size} bytes, found {state})"
+
+        shown = "; ".join(f"operator {uid!r} subtask {index}: {what(h)}" for uid, index, h in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise MissingStateFilesError(
+            f"{self.location}: refusing to commit {self.kind} {self.checkpoint_id} of job {self.job_id}: its "
+            f"metadata references {len(bad)} shared state file(s) under {store.describe(shared_dir)} that are "
+            f"missing or not of their recorded size ({shown}{more}); nothing was written. Another run of the job "
+            "may have removed them as orphans (is a second coordinator running for this job id?): abort this "
+            "checkpoint and restart the job from its latest completed checkpoint",
+            tuple(bad),
         )
 
     def _resolve_existing(self, key: str, data: bytes, cause: StorageError | None) -> None:

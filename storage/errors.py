@@ -109,8 +109,9 @@ class CommitConflictError(CommitFailedError, AlreadyExistsError):
 
 
 class MissingStateFilesError(CommitFailedError):
-    """The metadata to commit references exclusive state files that the committing writer neither wrote
-    nor adopted (``CheckpointWriter.adopt``), so they may not exist; nothing was written.
+    """The metadata to commit references state files that may not exist: exclusive ones the committing
+    writer neither wrote nor adopted (``CheckpointWriter.adopt``), or shared ones not in the store with the
+    size their handle records (an orphan removal of another run deleted them); nothing was written.
 
     Attributes:
         missing: ``(operator uid, subtask index, handle)`` of each such reference, in metadata order.

@@ -21,8 +21,19 @@ registers and subsumes them (one place of truth for what is retained), the coord
 acknowledgements, pending checkpoints that ended, finished tasks and deployments.
 
 Files that no retained checkpoint references when a job (re)starts, left by checkpoints that never
-completed or by a crash in the middle of a subsumption, are *orphans*: :meth:`SharedStateRegistry.remove_orphans`
-deletes them before anything is deployed. Everything goes through the ``ObjectStore`` API (local disk and S3).
+completed or by a crash in the middle of a subsumption, are *orphans*. Another process may still be
+writing some of them: a zombie driver of an earlier run, its workers, or a second submit of the same job
+id, whose checkpoint would commit a ``_metadata`` that references them. So, like Flink's registry, which
+never deletes a file it did not register, the removal is conservative. Every shared file's path names
+the checkpoint that wrote it (``by-chk-<id>/...``, :func:`~keystate.storage.checkpoint_writer.shared_file_path`);
+with ``L`` the newest completed checkpoint recovered, :meth:`SharedStateRegistry.remove_orphans` deletes
+an unreferenced file written by a checkpoint ``<= L`` (checkpoint ``L`` is committed, so no writer can
+commit that id again, and a lower id that commits now is subsumed at once) and keeps one written by a
+checkpoint ``> L``: that checkpoint may still be in flight, and it may complete. Such files are deleted
+later by :meth:`SharedStateRegistry.release`, once a checkpoint with an id at or above theirs has
+completed. Files whose path names no checkpoint are never deleted. The commit closes the remaining gap:
+``CheckpointWriter.commit`` refuses metadata whose shared files are not all in the store with their
+recorded sizes. Everything goes through the ``ObjectStore`` API (local disk and S3).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import threading
 from collections.abc import Hashable, Iterable
 
 from keystate.storage.base import join_key
+from keystate.storage.checkpoint_writer import shared_file_writer
 from keystate.storage.checkpoints import SHARED_DIR, CheckpointStorage, CompletedCheckpoint
 from keystate.storage.format.metadata import HandleScope, StreamHandle
 
@@ -68,6 +80,10 @@ class SharedStateRegistry:
         self._pinned = False
         """A deployment started and not every subtask has reported yet: every completed checkpoint counts.
         (A registry no runtime reports to, a retention store used on its own, releases at once.)"""
+        self._deferred: dict[str, int] = {}
+        """Orphans :meth:`remove_orphans` kept because a checkpoint above the latest completed one wrote
+        them (it may have been in flight): path -> that checkpoint id. :meth:`release` deletes each once a
+        checkpoint with that id or a higher one is registered."""
         self.deleted = 0
         """Shared files deleted so far (for tests and logs)."""
 
@@ -196,25 +212,47 @@ class SharedStateRegistry:
         with self._lock:
             watermark = self._watermark()
             released = [cid for cid in self._subsumed if watermark is None or cid < watermark]
-            if not released:
-                return []
             candidates: set[str] = set()
             for cid in released:
                 candidates |= self._subsumed.pop(cid)
-            doomed = sorted(candidates - self._live())
+            live = self._live()
+            doomed = sorted(candidates - live)
+            latest = self._latest_completed()
+            late = sorted(
+                p for p, cid in self._deferred.items() if latest is not None and cid <= latest and p not in live
+            )
+            for path in late:
+                del self._deferred[path]
         keys = [self.key(p) for p in doomed]
         if keys:
             log.debug("job %s: deleting %d shared files no checkpoint needs (subsumed %s)", self._job_id,
                       len(keys), ", ".join(map(str, sorted(released))))  # fmt: skip
+        late_keys = [self.key(p) for p in late]
+        if late_keys:
+            log.info("job %s: deleting %d orphaned shared files of checkpoints that can no longer complete "
+                     "(checkpoint %s completed)", self._job_id, len(late_keys), latest)  # fmt: skip
+        keys += late_keys
+        if keys:
             self._storage.store.delete_many(keys)
             self.deleted += len(keys)
         return keys
 
+    def _latest_completed(self) -> int | None:
+        return max((*self._retained, *self._subsumed), default=None)
+
     def remove_orphans(self) -> list[str]:
-        """Delete every file under ``shared/`` that nothing keeps alive: written by checkpoints that never
-        completed, or left by a subsumption a crash interrupted. Run it only when no checkpoint is pending
-        and nothing is deployed (a job's start, before the first deployment), after every completed
-        checkpoint of the job was registered.
+        """Delete the files under ``shared/`` that nothing keeps alive and that no checkpoint still being
+        written can reference: left by checkpoints that never completed, or by a subsumption a crash
+        interrupted. Run it only when no checkpoint of this run is pending and nothing is deployed (a
+        job's start, before the first deployment), after every completed checkpoint of the job was
+        registered.
+
+        Another process may still be at work on this job (a zombie driver, its workers, a second submit of
+        the job id). With ``L`` the newest registered checkpoint, an unreferenced file is deleted only if
+        the checkpoint that wrote it (the ``by-chk-<id>`` its path starts with) is ``<= L``. One above
+        ``L`` may still complete and reference it: it is kept, and :meth:`release` deletes it once a
+        checkpoint with its writer's id or a higher one is registered. A file whose path names no
+        checkpoint is never deleted, nor anything when no checkpoint is registered.
 
         Returns:
             The object keys deleted.
@@ -224,12 +262,32 @@ class SharedStateRegistry:
         """
         with self._lock:
             live = self._live()
+            latest = self._latest_completed()
         prefix = self._directory + "/"
-        orphans = [
-            info.key
-            for info in self._storage.store.list_objects(self._directory)
-            if info.key.startswith(prefix) and info.key[len(prefix) :] not in live
-        ]
+        orphans: list[str] = []
+        later: dict[str, int] = {}
+        unnamed = 0
+        for info in self._storage.store.list_objects(self._directory):
+            path = info.key[len(prefix) :]
+            if not info.key.startswith(prefix) or path in live:
+                continue
+            writer = shared_file_writer(path)
+            if writer is None:
+                unnamed += 1
+            elif latest is not None and writer <= latest:
+                orphans.append(info.key)
+            else:
+                later[path] = writer
+        if unnamed:
+            log.warning("job %s: keeping %d unreferenced files under %s whose names do not say which checkpoint "
+                        "wrote them; delete them by hand once no run of the job is active", self._job_id, unnamed,
+                        self._storage.store.describe(self._directory))  # fmt: skip
+        if later:
+            log.info("job %s: keeping %d unreferenced shared files of checkpoints after the latest completed one "
+                     "(%s): they may still complete; deleted once a later checkpoint completes", self._job_id,
+                     len(later), latest)  # fmt: skip
+        with self._lock:
+            self._deferred.update(later)
         if orphans:
             log.info("job %s: deleting %d orphaned shared files (no completed checkpoint references them)",
                      self._job_id, len(orphans))  # fmt: skip

@@ -4,8 +4,10 @@ A job checkpoints often with retention 1..3; after every completed checkpoint, e
 retained checkpoint references is in storage, and the checkpoint verifies and its merged keyed state
 (base plus deltas) is exactly what its source position says. When the job ends, storage holds exactly
 the shared files the retained checkpoints reference. Also: a restart in the middle continues the
-chain, concurrent checkpoints, orphans removed when a job starts, a rescaled restore from an
-incremental checkpoint, and a savepoint that is full, self-contained and relocatable.
+chain (its first checkpoint extends the restored one), concurrent checkpoints, orphans removed when a
+job starts (only those no checkpoint in flight may reference), a rescaled restore or one under another
+job id from an incremental checkpoint (its first checkpoint is full), and a savepoint that is full,
+self-contained and relocatable.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 import pytest
 
 from keystate.runtime import JobConfig, JobGraph, JobStatus, TransactionalFileSink, submit
+from keystate.storage.base import PutMode
 from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
-from keystate.storage.format.metadata import CheckpointKind, HandleScope
+from keystate.storage.format.metadata import CheckpointKind, HandleScope, KeyedStateHandle
 from keystate.storage.uri import open_storage
 from tests.runtime.e2e_support import (
     Completed,
@@ -34,9 +37,18 @@ from tests.runtime.e2e_support import (
     job_config,
     run,
 )
-from tests.runtime.incremental_support import KEYS, check_checkpoint, describe, referenced, shared_on_storage
+from tests.runtime.incremental_support import (
+    KEYS,
+    check_checkpoint,
+    describe,
+    has_deltas,
+    keyed_handles,
+    referenced,
+    shared_on_storage,
+)
 
 JOB_ID = "1ac0000000000000000000000000000d"
+OTHER_JOB_ID = "1ac0000000000000000000000000000e"
 
 
 def _job(source: Any, *, parallelism: int = 2, sink: str | None = None) -> JobGraph:
@@ -82,6 +94,20 @@ class Watch:
 
 def _storage(tmp_path: Path, root: str | None, endpoint: str | None = None) -> CheckpointStorage:
     return open_storage(root or str(tmp_path / "checkpoints"), endpoint_url=endpoint)
+
+
+def _chain(handle: KeyedStateHandle) -> list[str | None]:
+    """The paths of a keyed handle's files: its base, then its deltas."""
+    return [s.path for s in handle.streams()]
+
+
+def _assert_full(checkpoint: CompletedCheckpoint, uid: str = "counts") -> None:
+    """Every keyed handle of ``uid`` is a base this checkpoint wrote itself, without deltas."""
+    handles = keyed_handles(checkpoint, uid)
+    assert handles, f"{checkpoint}: {uid!r} has no keyed state"
+    for handle in handles:
+        assert not handle.deltas, f"{checkpoint}: {uid!r} builds on earlier files {_chain(handle)}"
+        assert handle.stream.written_by == checkpoint.checkpoint_id, f"{checkpoint}: base {handle.stream}"
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -139,8 +165,10 @@ def test_restart_in_the_middle_continues_the_chain_and_restores_exactly(tmp_path
     out = str(tmp_path / "out")
     lengths = [1200]
 
+    chains = {"max_delta_ratio": 100.0, "max_chain_length": 1000}  # no materialization in this test
+
     async def first() -> Watch:
-        config = _config(tmp_path, where, interval=0.02, num_retained=2, max_delta_ratio=100.0)
+        config = _config(tmp_path, where, interval=0.02, num_retained=2, **chains)
         client = submit(_job(MixedSource(lengths, rates=[1500.0]), sink=out), config, job_id=JOB_ID)
         watch = Watch(storage, sum(lengths)).watch(client)
         await watch.completed.until(lambda c: c.metadata.is_incremental and c.checkpoint_id >= 5, within=30)
@@ -151,10 +179,13 @@ def test_restart_in_the_middle_continues_the_chain_and_restores_exactly(tmp_path
     assert before.problems == []
     latest = storage.latest()
     assert latest is not None
-    assert latest.metadata.is_incremental or any(c.metadata.is_incremental for c in before.completed.checkpoints)
+    assert has_deltas(latest, "counts"), f"{latest}: the restart must restore from a chain with deltas"
+    restored_counts = latest.metadata.operator("counts")
+    assert restored_counts is not None
+    restored = {st.index: st.keyed for st in restored_counts.subtasks}
 
     async def second() -> tuple[Watch, Any]:
-        config = _config(tmp_path, where, interval=0.02, num_retained=2, max_delta_ratio=100.0)
+        config = _config(tmp_path, where, interval=0.02, num_retained=2, **chains)
         client = submit(
             _job(MixedSource(lengths, rates=[3000.0]), sink=out), config, restore_from=latest, job_id=JOB_ID
         )
@@ -166,22 +197,38 @@ def test_restart_in_the_middle_continues_the_chain_and_restores_exactly(tmp_path
     assert after.problems == []
     first_new = after.completed.checkpoints[0]
     assert first_new.checkpoint_id > latest.checkpoint_id
+    # Same job, same job directory, a checkpoint, same parallelism: each subtask's first checkpoint after
+    # the restore extends the restored chain (by one delta of its own, or none if no key changed) instead
+    # of writing a new base.
+    counts = first_new.metadata.operator("counts")
+    assert counts is not None
+    for st in counts.subtasks:
+        (was,), (now,) = restored[st.index], st.keyed
+        old_chain = _chain(was)
+        assert _chain(now)[: len(old_chain)] == old_chain, (
+            f"{first_new}: subtask {st.index} wrote {_chain(now)} instead of continuing {old_chain}"
+        )
+        added = now.deltas[len(was.deltas) :]
+        assert len(added) <= 1
+        assert all(d.stream.written_by == first_new.checkpoint_id for d in added)
+    assert first_new.metadata.is_incremental
+    assert first_new.metadata.incremental_state_bytes < first_new.metadata.full_state_bytes
     records = committed(Path(out))
     assert_exactly([r[:2] for r in records], expected_mixed(lengths))
     assert_counts_continue(records, key=lambda r: r[1] % KEYS)
     assert shared_on_storage(storage, JOB_ID) == referenced(after.client.coordinator.store.checkpoints)
 
 
-def test_concurrent_checkpoints_never_lose_a_base(tmp_path: Path) -> None:
-    storage = _storage(tmp_path, None)
+def test_concurrent_checkpoints_never_lose_a_base(tmp_path: Path, where: str | None) -> None:
+    storage = _storage(tmp_path, where)
     release = Flag()
     lengths = [1500]
 
     async def scenario() -> tuple[Watch, Any]:
-        config = _config(tmp_path, None, interval=0.01, num_retained=1, max_concurrent=2, max_chain_length=4)
+        config = _config(tmp_path, where, interval=0.01, num_retained=1, max_concurrent=2, max_chain_length=4)
         client = submit(_job(HeldSource(lengths, release, rates=[3000.0])), config, job_id=JOB_ID)
         watch = Watch(storage, sum(lengths)).watch(client)
-        await watch.completed.until(lambda c: c.checkpoint_id >= 15, within=30)
+        await watch.completed.until(lambda c: c.checkpoint_id >= (15 if where is None else 10), within=30)
         release.value = 1
         return watch, await client.wait()
 
@@ -191,40 +238,60 @@ def test_concurrent_checkpoints_never_lose_a_base(tmp_path: Path) -> None:
     assert shared_on_storage(storage, JOB_ID) == referenced(watch.client.coordinator.store.checkpoints)
 
 
-def test_orphans_are_removed_before_the_job_deploys(tmp_path: Path) -> None:
-    storage = _storage(tmp_path, None)
+def test_orphans_are_removed_before_the_job_deploys_unless_still_in_flight(tmp_path: Path, where: str | None) -> None:
+    """At start, an unreferenced shared file goes if the checkpoint that wrote it is at or below the latest
+    completed one (no writer can commit it any more); one written by a later checkpoint (maybe a zombie's,
+    still in flight) stays until this run completes a checkpoint with that id; one whose name says
+    nothing about its writer stays."""
+    storage = _storage(tmp_path, where)
 
-    async def once(restore: CompletedCheckpoint | None) -> Watch:
-        config = _config(tmp_path, None, interval=0.02, num_retained=1)
-        client = submit(_job(MixedSource([None], rates=[1000.0])), config, restore_from=restore, job_id=JOB_ID)
-        watch = Watch(storage).watch(client)
-        await watch.completed.until(lambda c: c.metadata.is_incremental, within=30)
+    async def once() -> None:
+        config = _config(tmp_path, where, interval=0.02, num_retained=1)
+        client = submit(_job(MixedSource([None], rates=[1000.0])), config, job_id=JOB_ID)
+        await Watch(storage).watch(client).completed.until(lambda c: c.metadata.is_incremental, within=30)
         await client.cancel()
-        return watch
 
-    run(once(None))
-    kept = referenced([c for c in [storage.latest()] if c is not None])
+    run(once())
+    latest = storage.latest()
+    assert latest is not None
+    kept = referenced([latest])
     assert kept
-    shared = tmp_path / "checkpoints" / JOB_ID / "shared"
-    orphans = [shared / "counts" / "0" / "keyed-0000000000000000.ksf", shared / "stray.ksf"]
-    for orphan in orphans:
-        orphan.parent.mkdir(parents=True, exist_ok=True)
-        orphan.write_bytes(b"written by a checkpoint that never completed")
+    last = latest.checkpoint_id
+    gone = [f"by-chk-{last}/counts/0/keyed-0000000000000000.ksf", "by-chk-1/stray.ksf"]
+    in_flight = f"by-chk-{last + 4}/counts/1/keyed-0000000000000000.ksf"
+    unnamed = "counts/0/keyed-0000000000000000.ksf"
+    shared = f"{storage.job_directory(JOB_ID)}/shared"
+    for path in [*gone, in_flight, unnamed]:
+        storage.store.put(f"{shared}/{path}", b"written by a checkpoint that never completed", PutMode.CREATE)
 
-    async def started() -> set[str]:
-        config = _config(tmp_path, None, interval=None)
-        client = submit(_job(MixedSource([None], rates=[1000.0])), config, restore_from=storage.latest(), job_id=JOB_ID)
+    async def started() -> tuple[set[str], set[str]]:
+        config = _config(tmp_path, where, interval=0.02, num_retained=1)
+        client = submit(_job(MixedSource([None], rates=[1000.0])), config, restore_from=latest, job_id=JOB_ID)
+        watch = Watch(storage).watch(client)
         await client._deployed()  # the job recovered its checkpoints and deployed
-        on_storage = shared_on_storage(storage, JOB_ID)
+        at_start = shared_on_storage(storage, JOB_ID)
+        await watch.completed.until(lambda c: c.checkpoint_id >= last + 4, within=30)
+        later = shared_on_storage(storage, JOB_ID)
         await client.cancel()
-        return on_storage
+        assert watch.problems == []
+        return at_start, later
 
-    on_storage = run(started())
-    assert not any(o.exists() for o in orphans)
-    assert kept <= on_storage
+    at_start, later = run(started())
+    assert not set(gone) & at_start
+    assert {in_flight, unnamed} <= at_start
+    assert kept <= at_start
+    assert in_flight not in later, "checkpoint 4 after the latest completed: its other writer can never commit"
+    assert unnamed in later
 
 
-def test_rescaled_restore_from_an_incremental_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("parallelism", "job_id"), [(3, JOB_ID), (2, OTHER_JOB_ID)], ids=["rescaled", "other-job"])
+def test_a_restore_that_cannot_continue_the_chain_checkpoints_full_first(
+    tmp_path: Path, parallelism: int, job_id: str
+) -> None:
+    """From an incremental checkpoint: at another parallelism (same job), or under another job id (same
+    parallelism), the restore reads the chain, but the first checkpoint after it writes full bases (docs/
+    runtime.md, Incremental checkpoints: the chain continues only for the same job, job directory and
+    parallelism, from a checkpoint); the job then goes on exactly once."""
     storage = _storage(tmp_path, None)
     out = str(tmp_path / "out")
     lengths = [1000]
@@ -244,13 +311,19 @@ def test_rescaled_restore_from_an_incremental_checkpoint(tmp_path: Path) -> None
     latest = storage.latest()
     assert latest is not None
 
-    async def rescaled() -> Any:
+    async def restored() -> tuple[Any, Completed]:
         config = _config(tmp_path, None, interval=0.02, num_retained=2)
-        job = _job(MixedSource(lengths, rates=[3000.0]), parallelism=3, sink=out)
-        return await submit(job, config, restore_from=latest, job_id="1ac0000000000000000000000000000e").wait()
+        job = _job(MixedSource(lengths, rates=[3000.0]), parallelism=parallelism, sink=out)
+        client = submit(job, config, restore_from=latest, job_id=job_id)
+        after = Completed().watch(client)
+        return await client.wait(), after
 
-    result = run(rescaled())
+    result, after = run(restored())
     assert result.status is JobStatus.FINISHED, result.error
+    first_new = after.first(lambda c: bool(keyed_handles(c, "counts")))
+    assert first_new is not None
+    assert len(keyed_handles(first_new, "counts")) == parallelism
+    _assert_full(first_new)
     records = committed(Path(out))
     assert_exactly([r[:2] for r in records], expected_mixed(lengths))
     assert_counts_continue(records, key=lambda r: r[1] % KEYS)
@@ -276,12 +349,14 @@ def test_savepoint_is_full_self_contained_and_relocatable(tmp_path: Path) -> Non
     relocated = open_storage(str(moved)).resolve()
     assert check_checkpoint(relocated) == []
 
-    async def resume() -> Any:
+    async def resume() -> tuple[Any, Completed]:
         config = _config(tmp_path, None, interval=0.02)
         client = submit(_job(MixedSource([None], rates=[1000.0]), sink=out), config, restore_from=relocated)
-        await Completed().watch(client).until(lambda c: c.metadata.is_incremental, within=30)
-        return await client.cancel()
+        completed = Completed().watch(client)
+        await completed.until(lambda c: c.metadata.is_incremental, within=30)
+        return await client.cancel(), completed
 
-    result = run(resume())
+    result, completed = run(resume())
     assert result.status is JobStatus.CANCELED
+    _assert_full(completed.checkpoints[0])  # a savepoint never starts a chain
     assert_counts_continue(committed(Path(out)), key=lambda r: r[1] % KEYS)

@@ -102,7 +102,7 @@ class TestCheckpointWriting(CheckpointStorageContract):
         assert [h.scope for h in handles] == [HandleScope.EXCLUSIVE, HandleScope.INLINE, HandleScope.SHARED]
         shared = handles[2]
         assert shared.path is not None
-        assert shared.path.startswith("op/1/keyed-")
+        assert shared.path.startswith("by-chk-1/op/1/keyed-")
         assert shared.path.endswith(".ksf")
         key = completed.state_key(shared)
         assert key == f"{BASE}/{JOB}/shared/{shared.path}"
@@ -329,7 +329,7 @@ def test_local_store_on_disk_layout(tmp_path: Path) -> None:
     chk = tmp_path / BASE / JOB / "chk-1"
     assert (chk / METADATA_FILE).is_file()
     assert [p.name for p in (chk / "op" / "0").iterdir() if p.name.startswith("keyed-")]
-    assert [p.name for p in (tmp_path / BASE / JOB / "shared" / "op" / "1").iterdir()]
+    assert [p.name for p in (tmp_path / BASE / JOB / "shared" / "by-chk-1" / "op" / "1").iterdir()]
 
 
 def test_local_store_abort_leaves_no_directories_or_temp_files(tmp_path: Path) -> None:
