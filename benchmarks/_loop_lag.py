@@ -7,6 +7,12 @@ the given size; a probe sleeps 1 ms again and again and records how late it wake
 was blocked. With the flusher thread, frozen write-back layers go to LMDB off the loop; the baseline
 (``inline``) waits for every flush on the loop (``LmdbKV.flush``), which is what the engine did before.
 
+The writer never waits for input, so the loop is never idle: py-lmdb needs the GIL for every put, and the
+flusher writes mostly while the task lends it the GIL (loans of at most 2.5 ms, ``_lmdb.PACE_MAX_S``), which
+the probe counts as blocked time, as it should. A real task that waits for input between batches leaves
+the flusher those pauses and lends it less. The figures depend on the machine being otherwise idle: the
+lag includes the time the OS keeps the loop's thread off a CPU, so run it with nothing else busy.
+
 Run on its own, it prints the figures of one run as JSON::
 
     python -m benchmarks._loop_lag --mb 1024            # the write-back flush on the flusher thread

@@ -33,6 +33,7 @@ from typing import Any, cast
 
 from keystate.statebackend._entry_format import MAX_STORED_KEY_BYTES, split_frames, ttl_filter
 from keystate.statebackend._kv import CHUNK_ENTRIES, Chunk, KVSnapshot
+from keystate.statebackend._packed import Change, PackedEntries, PatchedEntries, apply_changes
 from keystate.statebackend._snapshot import MAX_SNAPSHOT_META, KeyedSnapshotReader, SnapshotMeta, StateMeta
 from keystate.statebackend.errors import MaxParallelismMismatchError, StateError, StateRestoreError, StateSnapshotError
 from keystate.statebackend.state import StateKind
@@ -46,6 +47,7 @@ from keystate.storage.format.validation import check_keys, loads_strict, req_int
 __all__ = [
     "DELTA_FORMAT_VERSION",
     "ChainReader",
+    "Change",
     "DeltaHeader",
     "DeltaReader",
     "merge_chain",
@@ -63,9 +65,6 @@ TOMBSTONE = 0xFFFFFFFF
 _TOMBSTONE_BYTES = _VALUE_LEN.pack(TOMBSTONE)
 _MIN_KEY = 8
 _TTL_HEADER = 8
-
-Change = tuple[bytes, bytes | None]
-"""A delta entry: a key and its value, or ``None`` (a tombstone)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -199,8 +198,8 @@ def _parse_uniform(data: bytes, prefix: bytes, states: dict[bytes, StateMeta]) -
     if end < _KEY_LEN.size + _MIN_KEY + _VALUE_LEN.size:
         return None
     (kl,) = _KEY_LEN.unpack_from(data)
-    if not _MIN_KEY <= kl <= MAX_STORED_KEY_BYTES:
-        return None
+    if not _MIN_KEY <= kl <= MAX_STORED_KEY_BYTES or end < _KEY_LEN.size + kl + _VALUE_LEN.size:
+        return None  # the checked parser names what is wrong (here: the first entry is truncated)
     (vl,) = _VALUE_LEN.unpack_from(data, 2 + kl)
     step = 6 + kl + vl
     if vl == TOMBSTONE or end % step:
@@ -242,6 +241,16 @@ class DeltaReader:
             StateRestoreError: it is damaged, of an unknown version, or does not fit the handle.
         """
         if self._header is None:
+            # Offsets are stored (compressed) positions: a header of at most MAX_SNAPSHOT_META raw bytes
+            # takes at most about as many stored ones (zstd never grows data by more than a few bytes per
+            # block). Checked before reading, so a hostile offset cannot make the restore read that much.
+            stored = self._delta.offsets[0] - FILE_HEADER.size
+            if stored > 2 * MAX_SNAPSHOT_META:
+                raise StateRestoreError(
+                    f"{self.where}: the first key group starts {self._delta.offsets[0]} bytes into the file, "
+                    f"more than a delta header takes (at most {MAX_SNAPSHOT_META} bytes); the handle's offsets "
+                    "do not match the file, or the file is not a keystate delta"
+                )
             try:
                 raw = b"".join(self._reader.iter_range(FILE_HEADER.size, self._delta.offsets[0]))
             except StateFileError as exc:
@@ -252,7 +261,12 @@ class DeltaReader:
                     f"the first key group, found {len(raw)}"
                 )
             (declared,) = _HEADER_LEN.unpack_from(raw)
-            if declared != len(raw) - _HEADER_LEN.size or declared > MAX_SNAPSHOT_META:
+            if declared > MAX_SNAPSHOT_META:
+                raise StateRestoreError(
+                    f"{self.where}: delta header of {declared} bytes is over the {MAX_SNAPSHOT_META}-byte limit a "
+                    "restore reads; the file is damaged or not a keystate delta"
+                )
+            if declared != len(raw) - _HEADER_LEN.size:
                 raise StateRestoreError(
                     f"{self.where}: delta header declares {declared} bytes but {len(raw) - _HEADER_LEN.size} precede "
                     "the first key group; the handle's offsets do not match the file"
@@ -382,40 +396,12 @@ class DeltaReader:
         )
 
 
-_DICT_MERGE = 2
-"""A base chunk gets its changes by bisection when it has more than this many entries per change, else
-by one dict merge (C loops, no Python step per entry, but one per entry of the chunk)."""
-
-
 def _apply(chunk: Chunk, changes: list[Change], dead: bool) -> Chunk:
-    """``chunk`` (sorted entries) with ``changes`` (sorted, ``dead``: some are tombstones) applied."""
-    if len(changes) * _DICT_MERGE < len(chunk):
-        out = list(chunk)
-        size = hi = len(out)
-        # From the end: an insertion or deletion at i moves no position below i, which is all that is
-        # left to visit.
-        for change in reversed(changes):
-            key = change[0]
-            hi = i = bisect.bisect_left(out, (key,), 0, hi)
-            found = i < size and out[i][0] == key
-            if change[1] is None:
-                if found:
-                    del out[i]
-            elif found:
-                out[i] = cast(tuple[bytes, bytes], change)
-            else:
-                out.insert(i, cast(tuple[bytes, bytes], change))
-        return out
-    merged: dict[bytes, bytes | None] = dict(chunk)
-    size = len(merged)
-    merged.update(changes)
-    if dead:
-        for key in [key for key, value in changes if value is None]:
-            del merged[key]
-    elif len(merged) == size:  # only replacements: the dict keeps the chunk's order
-        return cast(Chunk, list(merged.items()))
-    # The chunk's keys in order, then the new ones in order: two runs, which the sort merges.
-    return cast(Chunk, sorted(merged.items()))
+    """``chunk`` (sorted entries) with ``changes`` (sorted, ``dead``: some are tombstones) applied; a packed
+    chunk stays packed, with its changes beside it (an engine may put both without merging them)."""
+    if isinstance(chunk, PackedEntries):
+        return PatchedEntries(chunk, changes, dead)
+    return apply_changes(chunk, changes, dead)
 
 
 def _changes_of(lists: list[list[Change]]) -> tuple[list[Change], bool]:
@@ -427,7 +413,7 @@ def _changes_of(lists: list[list[Change]]) -> tuple[list[Change], bool]:
         merged: dict[bytes, bytes | None] = {}
         for part in lists:
             merged.update(part)
-        changes = sorted(merged.items(), key=itemgetter(0))
+        changes = sorted(merged.items())  # by key: keys are unique, so no two values are compared
     return changes, None in map(itemgetter(1), changes)
 
 

@@ -8,14 +8,14 @@ interface in ``keystate.statebackend._states``; the engines only store bytes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from itertools import islice
 
 from keystate.storage.format.keygroups import KeyGroupRange
 
 __all__ = ["CHUNK_ENTRIES", "Chunk", "Columns", "KVSnapshot", "KVStore", "sorted_in_slices"]
 
-Chunk = list[tuple[bytes, bytes]]
+Chunk = Sequence[tuple[bytes, bytes]]
 """Restored entries, all of one key group."""
 Columns = tuple[list[bytes], list[bytes]]
 """Entries as a list of keys and the list of their values."""

@@ -2,11 +2,13 @@
 
 Writes go to an in-memory buffer (read-your-own-writes: reads look in the buffer first). When the
 buffer passes its bound it is frozen and handed to the flusher (``_lmdb_flush``), a worker thread that
-writes it into LMDB in one write transaction, as sorted runs of a few thousand keys (runs put about as
-fast as one sorted list and need no long merge). The task thread never waits for a flush (unless the
-flusher falls several layers behind, or :meth:`LmdbKV.flush` is called); a frozen layer stays readable
-in memory until the task's read transaction sees it in LMDB. LMDB runs with ``sync=False``: durability
-comes from checkpoints, not from the local store.
+writes it into LMDB in one write transaction, as sorted runs of a thousand keys (runs put about as fast
+as one sorted list and need no long merge). The task thread never waits for a whole flush (unless the
+flusher falls :data:`MAX_PENDING_LAYERS` behind, or :meth:`LmdbKV.flush` is called): while the flusher has
+layers pending, the task lends it the GIL (which py-lmdb needs for every put) in loans of at most
+:data:`PACE_MAX_S` (``Flusher.pace``). A frozen layer stays readable in memory until the task's read
+transaction sees it in LMDB. LMDB runs with ``sync=False``: durability comes from checkpoints, not from
+the local store.
 
 Snapshots are O(1) on the task thread: the active buffer is frozen (never mutated again), a read
 transaction is opened (LMDB's MVCC keeps that view stable), and the snapshot reads the frozen
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -46,8 +49,26 @@ LMDB_LAYOUT_VERSION = b"1"
 _LOAD_BATCH = 50_000
 """Restored entries per LMDB write transaction."""
 _MISSING: Any = MISSING
-MAX_PENDING_LAYERS = 3
-"""Frozen layers the flusher may have queued before the task thread waits for it (memory bound)."""
+PACE_LAYERS = 1
+"""Frozen layers pending from which the task thread lends the flusher time (a busy task thread: a flusher
+whose work keeps up with it on its own has nothing pending by the next freeze)."""
+PACE_ENTRIES = 256
+"""While the flusher is behind, the task thread looks whether a loan is due once every this many writes."""
+PACE_STEPS = 4096
+"""The work a loan asks for (:attr:`Flusher.progress`: sorting an entry is one step, putting it another)."""
+PACE_MAX_S = 0.0025
+"""The longest loan: its deadline, at which the flusher gets out of the way (the task thread, the event
+loop, is blocked that long plus the time the OS takes to run it again)."""
+PACE_RUN = (1.0, 0.3, 0.0)
+"""After a loan, the task runs at least this many times the loan's duration before the next, by the layers
+pending (1, 2, 3): the flusher gets up to half of the task thread's time, then 77%, then all but
+:data:`PACE_ENTRIES` writes per loan. From 2 layers on, a loan lasts its time even while the flusher
+commits (which needs no GIL): LMDB is slower than the task then, and the task must not outrun it into the
+memory bound, where it would wait for a whole layer. A task that yields to the loop every few hundred
+writes never blocks it for more than one loan at a time."""
+MAX_PENDING_LAYERS = 4
+"""Frozen layers pending at which the task thread waits for a whole layer: the memory bound (the loans keep
+the task from reaching it unless LMDB is far slower than the task)."""
 _SCAN_FREEZE = 4096
 """A scan freezes an active layer larger than this, so the next scans find it sorted by the flusher."""
 
@@ -121,6 +142,12 @@ class LmdbKV(KVStore):
         discards them first (:meth:`begin_restore`), so it yields exactly the checkpoint's state."""
         self._max_entries = buffer_entries
         self._max_bytes = buffer_bytes
+        self._check_at = buffer_entries
+        self._lend_at = 0.0
+        self._written_seen = 0
+        """``Flusher.written`` when the task thread last dropped the layers the flusher wrote."""
+        """When the task thread next lends the flusher time (``perf_counter``), while it is behind."""
+        """Active entries at which a write services the engine: the buffer bound, or sooner while pacing."""
         self._active: Buffer = {}
         self._active_bytes = 0
         self._frozen: list[Layer] = []
@@ -248,7 +275,7 @@ class LmdbKV(KVStore):
         changes = self.changes
         if changes is not None:
             changes.add(key)
-        if self._flush_due or len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
+        if self._flush_due or len(self._active) >= self._check_at or self._active_bytes >= self._max_bytes:
             self._service()
 
     def delete(self, key: bytes) -> None:
@@ -256,7 +283,7 @@ class LmdbKV(KVStore):
         self._active_bytes += len(key)
         if self.changes is not None:
             self.changes.add(key)
-        if self._flush_due or len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
+        if self._flush_due or len(self._active) >= self._check_at or self._active_bytes >= self._max_bytes:
             self._service()
 
     def append(self, key: bytes, data: bytes) -> None:
@@ -274,7 +301,7 @@ class LmdbKV(KVStore):
         self._active_bytes += len(data)
         if self.changes is not None:
             self.changes.add(key)
-        if self._flush_due or len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
+        if self._flush_due or len(self._active) >= self._check_at or self._active_bytes >= self._max_bytes:
             self._service()
 
     def _freeze(self) -> None:
@@ -290,19 +317,36 @@ class LmdbKV(KVStore):
         self._flush_due = True  # from the flusher's thread: the task thread looks on its next write
 
     def _service(self) -> None:
-        """The task thread's part of flushing, on a write that filled the buffer or after the flusher wrote
-        or failed: freeze the buffer, drop layers LMDB now holds, grow the map, raise a write's error.
-        Waits only when the flusher is :data:`MAX_PENDING_LAYERS` layers behind."""
+        """The task thread's part of flushing, on a write that filled the buffer, after the flusher wrote or
+        failed, or every :data:`PACE_ENTRIES` writes while it has layers pending: freeze the buffer, lend the
+        flusher the GIL when a loan is due (:data:`PACE_RUN`), drop layers LMDB now holds, grow the map,
+        raise a write's error. Waits for a whole layer only at :data:`MAX_PENDING_LAYERS`."""
         self._check_open()
         self._flush_due = False
         self._settle()
         if len(self._active) >= self._max_entries or self._active_bytes >= self._max_bytes:
             self._freeze()
         flusher = self._flusher
-        if flusher.pending() >= MAX_PENDING_LAYERS and not flusher.stalled:
-            flusher.wait(below=MAX_PENDING_LAYERS)
+        pending = flusher.pending()
+        if pending >= PACE_LAYERS and not flusher.stalled:
+            if pending >= MAX_PENDING_LAYERS:
+                flusher.wait(below=MAX_PENDING_LAYERS)
+            else:
+                started = time.perf_counter()
+                if started >= self._lend_at:
+                    flusher.pace(PACE_STEPS, PACE_MAX_S, throttle=pending > PACE_LAYERS)
+                    ended = time.perf_counter()
+                    self._lend_at = ended + (ended - started) * PACE_RUN[min(pending - PACE_LAYERS, len(PACE_RUN) - 1)]
+            self._check_at = min(self._max_entries, len(self._active) + PACE_ENTRIES)
+        else:
+            self._check_at = self._max_entries
         if self._frozen:
             self._drop_reader()  # the next read opens a reader that sees what the flusher wrote
+            if flusher.written != self._written_seen:
+                # The flusher wrote layers: a fresh reader drops them now, not at the next read: a task that
+                # only writes would otherwise keep every layer in memory (and the GC would traverse them all).
+                self._written_seen = flusher.written
+                self._begin_read()
 
     def _settle(self) -> bool:
         """Deal with a stalled flusher: raise its error (once: the next call retries the layer), or grow the
@@ -446,50 +490,71 @@ class LmdbKV(KVStore):
 
     def bulk_load_chunks(self, chunks: Iterable[tuple[int, Chunk]]) -> int:
         """Load restored entries (see :class:`KVStore`), after :meth:`begin_restore`."""
+        from keystate.statebackend._packed import PatchedEntries  # a chain restore's chunks
+
         self.begin_restore()
         total = 0
         batch: list[Chunk] = []
         batch_entries = 0
         for _, chunk in chunks:
             batch.append(chunk)
-            batch_entries += len(chunk)
+            # A patched chunk (a chain's base run and its changes) is not merged to be counted.
+            batch_entries += len(chunk.base) + len(chunk.changes) if isinstance(chunk, PatchedEntries) else len(chunk)
             if batch_entries >= _LOAD_BATCH:
-                self._load_batch(batch)
-                total += batch_entries
+                total += self._load_batch(batch)
                 batch, batch_entries = [], 0
         if batch:
-            self._load_batch(batch)
-            total += batch_entries
+            total += self._load_batch(batch)
         self._drop_reader()
         return total
 
-    def _load_batch(self, batch: list[Chunk]) -> None:
-        """Put the chunks in one write transaction (growing the map if it is full).
+    def _load_batch(self, batch: list[Chunk]) -> int:
+        """Put the chunks in one write transaction (growing the map if it is full); returns how many entries.
 
         A chunk whose first key is beyond every stored key goes in with ``MDB_APPEND`` (no B+tree search,
         full pages). If it was not sorted after all, LMDB skips the out-of-order entries and reports
-        fewer added; the chunk is then put again normally, which gives the same result.
+        fewer added; the chunk is then put again normally, which gives the same result. A chunk that is
+        a packed run with a chain's changes (``_packed.PatchedEntries``) is put as its run, then its
+        changes over it, then its tombstoned keys deleted: never merged in Python. Its entries are counted
+        from the environment's entry count (its keys are new to the environment, as in every restore).
         """
+        from keystate.statebackend._packed import PatchedEntries
+
+        def put_sorted(cursor: Any, chunk: Any, last: bytes) -> bytes:  # a Chunk, PackedEntries included
+            """Put ``chunk``, appending if it sorts after ``last`` (the last key stored); returns the new last key."""
+            if not chunk:
+                return last
+            if chunk[0][0] > last and cursor.putmulti(chunk, dupdata=False, append=True)[1] == len(chunk):
+                end: bytes = chunk[-1][0]
+                return end
+            cursor.putmulti(chunk, dupdata=False, overwrite=True)
+            return cursor.key() if cursor.last() else b""
+
         while True:
             try:
                 with self._env.begin(write=True, db=self.db) as txn:
                     cursor = txn.cursor()
                     last = cursor.key() if cursor.last() else b""
+                    loaded = 0
                     for chunk in batch:
-                        if not chunk:
+                        if isinstance(chunk, PatchedEntries):
+                            before = txn.stat(self.db)["entries"]
+                            put_sorted(cursor, chunk.base, last)
+                            cursor.putmulti(chunk.puts(), dupdata=False, overwrite=True)
+                            for key in chunk.deletes():
+                                txn.delete(key, db=self.db)
+                            loaded += txn.stat(self.db)["entries"] - before
+                            last = cursor.key() if cursor.last() else b""
                             continue
-                        if chunk[0][0] > last and cursor.putmulti(chunk, dupdata=False, append=True)[1] == len(chunk):
-                            last = chunk[-1][0]
-                            continue
-                        cursor.putmulti(chunk, dupdata=False, overwrite=True)
-                        last = cursor.key() if cursor.last() else b""
+                        loaded += len(chunk)
+                        last = put_sorted(cursor, chunk, last)
             except lmdb.MapFullError as exc:
                 if not self._grow(wait=True):
                     raise self._error(exc, "restore into the LMDB environment in") from exc
             except lmdb.Error as exc:
                 raise self._error(exc, "restore into the LMDB environment in") from exc
             else:
-                return
+                return loaded
 
     def _discard_left_over(self) -> None:
         log.warning(

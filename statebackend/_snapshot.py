@@ -23,6 +23,7 @@ from typing import Any
 
 from keystate.statebackend._entry_format import MAX_STORED_KEY_BYTES, split_frames, ttl_filter
 from keystate.statebackend._kv import CHUNK_ENTRIES, Chunk, KVSnapshot
+from keystate.statebackend._packed import PackedEntries
 from keystate.statebackend.errors import MaxParallelismMismatchError, StateError, StateRestoreError, StateSnapshotError
 from keystate.statebackend.state import StateKind
 from keystate.statebackend.ttl import StateVisibility, TtlConfig, TtlUpdate
@@ -370,8 +371,9 @@ def _uniform_prefix(data: bytes, pos: int, limit: int, heads: frozenset[bytes]) 
     """The entries from ``pos`` that start before ``limit`` and are complete in ``data``, and where they
     end, if they all have the key length and value length of the first (a fixed-size state).
 
-    Every length field and key head is checked with strided slices and the entries are decoded by one
-    ``struct.iter_unpack``: no Python step per entry. ``None`` if the data is not like that.
+    Every length field and key head is checked with strided slices, and the entries come as a
+    :class:`~keystate.statebackend._packed.PackedEntries` view that ``struct.iter_unpack`` decodes as it is
+    iterated: no Python step per entry. ``None`` if the data is not like that.
     """
     end = len(data)
     if end - pos < 6:
@@ -395,16 +397,14 @@ def _uniform_prefix(data: bytes, pos: int, limit: int, heads: frozenset[bytes]) 
         found = set(zip(*(data[offset:stop:step] for offset in range(pos + 2, pos + 6)), strict=True))
         if not {bytes(head) for head in found} <= heads:
             return None
-    entry = _FIXED_ENTRY[kl, vl]
-    if pos == 0 and stop == end:
-        return list(entry.iter_unpack(data)), stop
-    return list(entry.iter_unpack(memoryview(data)[pos:stop])), stop
+    # Left packed: decoded as the bulk load iterates it (``_packed``), not all at once here.
+    return PackedEntries(memoryview(data)[pos:stop], _FIXED_ENTRY[kl, vl], n), stop
 
 
 def _variable_prefix(data: bytes, pos: int, limit: int, heads: frozenset[bytes]) -> tuple[Chunk, int] | None:
     """Like :func:`_uniform_prefix` for entries of any sizes: one struct call per entry, checked at the
     end. An entry that runs past the end of ``data`` ends the prefix; ``None`` if anything is wrong."""
-    out: Chunk = []
+    out: list[tuple[bytes, bytes]] = []
     append = out.append
     key_len, key_then_value_len = _KEY_LEN.unpack_from, _KEY_THEN_VALUE_LEN
     end = len(data)
@@ -572,7 +572,7 @@ class KeyedSnapshotReader:
         """
         key_len, value_len = _KEY_LEN.unpack_from, _VALUE_LEN.unpack_from
         kg, heads, prefix, base = group.kg, group.heads, group.prefix, group.base
-        out: Chunk = []
+        out: list[tuple[bytes, bytes]] = []
         append = out.append
         end = len(data)
         while pos < limit:
