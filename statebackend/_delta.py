@@ -34,7 +34,8 @@ from typing import Any, cast
 from keystate.statebackend._entry_format import MAX_STORED_KEY_BYTES, split_frames, ttl_filter
 from keystate.statebackend._kv import CHUNK_ENTRIES, Chunk, KVSnapshot
 from keystate.statebackend._packed import Change, PackedEntries, PatchedEntries, apply_changes
-from keystate.statebackend._snapshot import MAX_SNAPSHOT_META, KeyedSnapshotReader, SnapshotMeta, StateMeta
+from keystate.statebackend._snapshot import MAX_SNAPSHOT_META, SnapshotMeta, StateMeta
+from keystate.statebackend._snapshot_reader import KeyedSnapshotReader
 from keystate.statebackend.errors import MaxParallelismMismatchError, StateError, StateRestoreError, StateSnapshotError
 from keystate.statebackend.state import StateKind
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint

@@ -1,7 +1,7 @@
 """Restored entries left packed as the keyed snapshot payload holds them, unpacked as they are iterated.
 
 A run of entries that all have one key length and one value length (a fixed-size state: the common
-case) is checked in a few C calls by ``_snapshot._uniform_prefix`` without decoding it. Decoding it into
+case) is checked in a few C calls by ``_snapshot_reader._uniform_prefix`` without decoding it. Decoding it into
 a list would create every entry's tuple and bytes at once, and the bulk load that follows would touch
 them again after they left the cache and free them later still: for small entries that costs more than
 LMDB's own puts. :class:`PackedEntries` keeps the run as a view of the decompressed bytes instead and

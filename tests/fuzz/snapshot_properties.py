@@ -24,7 +24,7 @@ from keystate.statebackend import (
     ValueStateDescriptor,
     safe_serializer,
 )
-from keystate.statebackend._snapshot import KeyedSnapshotReader
+from keystate.statebackend._snapshot_reader import KeyedSnapshotReader
 from keystate.statebackend.inspection import read_keyed_entries
 from keystate.statebackend.keyed import KVKeyedStateBackend
 from keystate.storage import (

@@ -21,7 +21,7 @@ from keystate.statebackend import (
 from keystate.statebackend._heap import HeapKV
 from keystate.statebackend._kv import KVSnapshot, KVStore
 from keystate.statebackend._lmdb import LmdbKV
-from keystate.statebackend._snapshot import _parse_uniform, _parse_variable
+from keystate.statebackend._snapshot_reader import _parse_uniform, _parse_variable
 from keystate.storage import CheckpointStorage, LocalObjectStore, StreamOptions
 from tests.statebackend.support import BackendFactory, checkpoint_backends, kv_contents, make_backend
 from tests.statebackend.test_restore_errors import INT, craft, entry_key, restore_error, sample_entries, valid_meta

@@ -25,7 +25,8 @@ from keystate.statebackend import (
     StrSerializer,
     ValueStateDescriptor,
 )
-from keystate.statebackend._snapshot import KeyedSnapshotReader, SnapshotMeta
+from keystate.statebackend._snapshot import SnapshotMeta
+from keystate.statebackend._snapshot_reader import KeyedSnapshotReader
 from keystate.statebackend.errors import MaxParallelismMismatchError
 from keystate.storage import CheckpointStorage, CompletedCheckpoint, KeyedStateHandle, LocalObjectStore
 from tests.statebackend.support import BackendFactory

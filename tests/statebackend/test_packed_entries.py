@@ -16,7 +16,7 @@ from keystate.statebackend._delta import merge_chain
 from keystate.statebackend._kv import Chunk
 from keystate.statebackend._lmdb import LmdbKV
 from keystate.statebackend._packed import Change, PackedEntries, PatchedEntries, apply_changes
-from keystate.statebackend._snapshot import _parse_uniform
+from keystate.statebackend._snapshot_reader import _parse_uniform
 
 _ENTRY = struct.Struct(">2x8s4x3s")
 

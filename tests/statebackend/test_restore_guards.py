@@ -20,7 +20,7 @@ from keystate.statebackend import (
     StrSerializer,
     ValueStateDescriptor,
 )
-from keystate.statebackend._snapshot import KeyedSnapshotReader
+from keystate.statebackend._snapshot_reader import KeyedSnapshotReader
 from keystate.statebackend.errors import LmdbDirectoryInUseError, LmdbDiskFullError, MaxParallelismMismatchError
 from keystate.storage import CheckpointStorage
 from tests.small_disk import small_tmpfs

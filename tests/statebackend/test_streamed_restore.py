@@ -1,7 +1,7 @@
 """Restores read state files block by block: a key group of many blocks, an entry longer than a block,
 and operator state, all with bounded memory, and damage found where it is.
 
-Key-group data is parsed as its blocks arrive, about a block at a time (``_snapshot._KeyGroupData``),
+Key-group data is parsed as its blocks arrive, about a block at a time (``_snapshot_reader._KeyGroupData``),
 holding back only an entry that continues in the next block; operator-state elements are cut out of the
 blocks as they arrive (``operator_state.stream_elements``). What the restores return is checked entry by
 entry, and what reading holds is measured with ``tracemalloc`` while the entries are dropped.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from keystate.statebackend._snapshot import KeyedSnapshotReader
+from keystate.statebackend._snapshot_reader import KeyedSnapshotReader
 from keystate.statebackend.errors import StateRestoreError
 from keystate.statebackend.inspection import read_operator_elements
 from keystate.statebackend.operator_state import OperatorStateBackend
