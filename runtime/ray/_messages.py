@@ -32,7 +32,7 @@ from keystate.storage.checkpoints import CheckpointStorage, CompletedCheckpoint
 from keystate.storage.errors import MetadataError
 from keystate.storage.format.metadata import MAX_ID, KeyedStateHandle, OperatorStateHandle
 from keystate.storage.format.transfer import handle_from_json, handle_to_json
-from keystate.storage.format.validation import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_CONTAINERS
+from keystate.storage.format.validation import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_CONTAINERS, decode_strict_json
 from keystate.storage.uri import open_storage
 
 __all__ = [
@@ -175,7 +175,7 @@ class _Parser:
             self.fail(f"the message has {containers} JSON objects and arrays, over the limit of "
                       f"{MAX_DOCUMENT_CONTAINERS}")  # fmt: skip
         try:
-            return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+            return decode_strict_json(text)
         except json.JSONDecodeError as exc:
             self.fail(f"not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}): truncated or garbled", exc)
         except (ValueError, RecursionError) as exc:  # NaN, a duplicate key, a 5,000-digit number, deep nesting
@@ -216,21 +216,6 @@ class _Parser:
             except MetadataError as exc:  # the handle's own validation (transfer.py), message naming the field
                 self.fail(f"invalid state handle: {exc}", exc)
         return tuple(handles)
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise ValueError(f"duplicate key {key!r}")
-            seen.add(key)
-    return result
 
 
 @dataclasses.dataclass(frozen=True)

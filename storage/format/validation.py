@@ -19,6 +19,7 @@ __all__ = [
     "MAX_DOCUMENT_CONTAINERS",
     "check_document_limits",
     "check_keys",
+    "decode_strict_json",
     "loads_strict",
     "opt_int",
     "req_bool",
@@ -71,7 +72,13 @@ def _fail(error: type[Exception], where: str, field: str, expected: str, found: 
 
 
 def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
+    raise ValueError(f"{name} is not valid JSON ({name} is not a JSON number)")
+
+
+def decode_strict_json(text: str) -> Any:
+    """``json.loads`` refusing NaN / Infinity and duplicate keys (``ValueError``); the caller bounds the size
+    first and maps the errors (``json.JSONDecodeError``, ``ValueError``, ``RecursionError``) to its own."""
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -126,7 +133,7 @@ def loads_strict(data: bytes, where: str, error: type[Exception] = MetadataError
     except UnicodeDecodeError as exc:
         raise error(f"{where}: not UTF-8 text (byte {exc.start}); the file is corrupted or not JSON") from exc
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        return decode_strict_json(text)
     except json.JSONDecodeError as exc:
         raise error(
             f"{where}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
