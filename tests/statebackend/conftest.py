@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import pytest
 
 from keystate.statebackend import KVKeyedStateBackend, Serializer
+from keystate.statebackend._lmdb_flush import Flusher
+from keystate.statebackend._lmdb_layers import Layer
 from keystate.storage import CheckpointStorage, KeyGroupRange
 from tests.statebackend.support import BACKENDS, FULL, BackendFactory, ManualClock, make_backend, storage_at
 
@@ -86,3 +89,18 @@ def storage(tmp_path: Path) -> CheckpointStorage:
 def durable_storage(tmp_path: Path) -> CheckpointStorage:
     """Checkpoint storage exactly as ``open_storage`` gives it to a job."""
     return storage_at(tmp_path / "durable", durable=True)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Holds every flusher write until set."""
+    opened = threading.Event()
+    original = Flusher._write
+
+    def held(self: Flusher, layer: Layer) -> None:
+        opened.wait(30)
+        original(self, layer)
+
+    monkeypatch.setattr(Flusher, "_write", held)
+    yield opened
+    opened.set()

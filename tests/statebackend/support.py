@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -233,3 +234,8 @@ class CountingStore(ObjectStore):
 
     def list_dirs(self, prefix: str) -> list[str]:
         return self.inner.list_dirs(prefix)
+
+
+def lmdb_key(i: int) -> bytes:
+    """A composite key of key group ``i % 128``, state 1, a 4-byte user key ``i`` and no namespace."""
+    return struct.pack(">HH", i % 128, 1) + b"\x00\x04" + struct.pack(">i", i) + b"\x00\x00"

@@ -16,10 +16,7 @@ from keystate.statebackend._lmdb import MAX_PENDING_LAYERS, LmdbKV
 from keystate.statebackend._lmdb_flush import Flusher
 from keystate.statebackend._lmdb_layers import Layer
 from keystate.statebackend.errors import LmdbError
-
-
-def key(i: int) -> bytes:
-    return struct.pack(">HH", i % 128, 1) + b"\x00\x04" + struct.pack(">i", i) + b"\x00\x00"
+from tests.statebackend.support import lmdb_key as key
 
 
 @pytest.fixture
@@ -27,21 +24,6 @@ def kv(tmp_path: Path) -> Iterator[LmdbKV]:
     store = LmdbKV(tmp_path / "env", buffer_entries=10)
     yield store
     store.close()
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Holds every flusher write until set."""
-    opened = threading.Event()
-    original = Flusher._write
-
-    def held(self: Flusher, layer: Layer) -> None:
-        opened.wait(30)
-        original(self, layer)
-
-    monkeypatch.setattr(Flusher, "_write", held)
-    yield opened
-    opened.set()
 
 
 def test_writes_do_not_wait_for_the_flush_and_reads_stay_exact(kv: LmdbKV, gate: threading.Event) -> None:

@@ -6,7 +6,6 @@ loans are observed by what they are called with, and what the flusher wrote by r
 from __future__ import annotations
 
 import math
-import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,25 +19,7 @@ from keystate.statebackend._lmdb import MAX_PENDING_LAYERS, PACE_LAYERS, PACE_MA
 from keystate.statebackend._lmdb_flush import _CONTENDED_S, Flusher
 from keystate.statebackend._lmdb_layers import Append, Layer
 from keystate.statebackend.errors import StateError
-
-
-def key(i: int) -> bytes:
-    return struct.pack(">HH", i % 128, 1) + b"\x00\x04" + struct.pack(">i", i) + b"\x00\x00"
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Holds every flusher write until set."""
-    opened = threading.Event()
-    original = Flusher._write
-
-    def held(self: Flusher, layer: Layer) -> None:
-        opened.wait(30)
-        original(self, layer)
-
-    monkeypatch.setattr(Flusher, "_write", held)
-    yield opened
-    opened.set()
+from tests.statebackend.support import lmdb_key as key
 
 
 class Calls:
