@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from keystate.storage.base import PutMode, join_key
@@ -286,12 +286,11 @@ class CheckpointWriter:
         )
         if not missing:
             return
-        shown = "; ".join(f"operator {uid!r} subtask {index}: {h.describe}" for uid, index, h in missing[:5])
-        more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
+        listed = _first_references(missing, lambda h: h.describe)
         raise MissingStateFilesError(
             f"{self.location}: refusing to commit {self.kind} {self.checkpoint_id} of job {self.job_id}: its "
             f"metadata references {len(missing)} exclusive state file(s) this writer neither wrote nor adopted, "
-            f"so they may not exist ({shown}{more}); nothing was written. Adopt the handles other writers "
+            f"so they may not exist ({listed}); nothing was written. Adopt the handles other writers "
             "(worker processes) shipped with writer.adopt(handles) before committing, or take the snapshot again",
             missing,
         )
@@ -330,12 +329,11 @@ class CheckpointWriter:
             state = "not in the store" if size is None else f"{size} bytes in the store"
             return f"{h.describe} (written by checkpoint {h.written_by}; expected {h.size} bytes, found {state})"
 
-        shown = "; ".join(f"operator {uid!r} subtask {index}: {what(h)}" for uid, index, h in bad[:5])
-        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        listed = _first_references(bad, what)
         raise MissingStateFilesError(
             f"{self.location}: refusing to commit {self.kind} {self.checkpoint_id} of job {self.job_id}: its "
             f"metadata references {len(bad)} shared state file(s) under {store.describe(shared_dir)} that are "
-            f"missing or not of their recorded size ({shown}{more}); nothing was written. Another run of the job "
+            f"missing or not of their recorded size ({listed}); nothing was written. Another run of the job "
             "may have removed them as orphans (is a second coordinator running for this job id?): abort this "
             "checkpoint and restart the job from its latest completed checkpoint",
             tuple(bad),
@@ -441,3 +439,9 @@ class _SharedOutputStream(StateOutputStream):
         if handle.scope is HandleScope.SHARED and handle.written_by is None:
             handle = dataclasses.replace(handle, written_by=self.written_by)
         return handle
+
+
+def _first_references(refs: Sequence[tuple[str, int, StreamHandle]], what: Callable[[StreamHandle], str]) -> str:
+    """The first five ``(operator, subtask, handle)`` references of a refused commit, for its message."""
+    shown = "; ".join(f"operator {uid!r} subtask {index}: {what(h)}" for uid, index, h in refs[:5])
+    return shown + (f"; and {len(refs) - 5} more" if len(refs) > 5 else "")

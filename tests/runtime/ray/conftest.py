@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests._environment import unavailable
-from tests.runtime.ray.support import EXECUTORS, STORAGES, CheckpointRoot
+from tests.runtime.ray.support import EXECUTORS, STORAGES, CheckpointRoot, worker_environment
 
 ROOT = Path(__file__).resolve().parents[3]
 CPUS = 2
@@ -32,16 +32,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     except ImportError:
         unavailable("Ray is not installed: pip install -e '.[ray]' (the test extra includes it)")
     nowhere = tmp_path_factory.getbasetemp() / "no-aws-config"
-    worker_env = {
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(nowhere),
-        "AWS_SHARED_CREDENTIALS_FILE": str(nowhere),
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),  # a local test cluster, no tokens
-    }
+    worker_env = worker_environment(ROOT, nowhere)
     with pytest.MonkeyPatch.context() as mp:
         for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
             mp.delenv(name, raising=False)

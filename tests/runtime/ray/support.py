@@ -193,3 +193,18 @@ def process_gone(pid: int) -> Callable[[], bool]:
         return False
 
     return gone
+
+
+def worker_environment(root: Path, nowhere: Path) -> dict[str, str]:
+    """What Ray's worker processes of a test cluster need: keystate importable from ``root``, moto's test
+    credentials, no AWS configuration of this machine (``nowhere`` does not exist), no token auth."""
+    return {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p),
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(nowhere),
+        "AWS_SHARED_CREDENTIALS_FILE": str(nowhere),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),  # a local test cluster, no tokens
+    }

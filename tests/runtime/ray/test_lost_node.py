@@ -10,6 +10,7 @@ refused there, tests/runtime/ray/test_bad_input.py).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,9 +20,11 @@ from pathlib import Path
 import boto3
 import pytest
 
+from tests._environment import unavailable
 from tests.runtime.e2e_support import assert_counts_continue, assert_exactly, expected_mixed
 from tests.runtime.ray.conftest import ROOT
 from tests.runtime.ray.lost_node_driver import LENGTHS, key
+from tests.runtime.ray.support import worker_environment
 from tests.runtime.ray.test_s3_and_demo import _committed_s3
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -30,18 +33,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 def test_a_lost_node_fails_the_attempt_and_the_job_restarts_exactly_once(
     tmp_path: Path, moto_endpoint: str, server_bucket: str
 ) -> None:
-    pytest.importorskip("ray")
-    nowhere = tmp_path / "no-aws-config"
+    if importlib.util.find_spec("ray") is None:
+        unavailable("Ray is not installed: pip install -e '.[ray]' (the test extra includes it)")
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))},
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(nowhere),
-        "AWS_SHARED_CREDENTIALS_FILE": str(nowhere),
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        **worker_environment(ROOT, tmp_path / "no-aws-config"),
     }
     argv = [sys.executable, "-m", "tests.runtime.ray.lost_node_driver", moto_endpoint, server_bucket]
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, check=False)
