@@ -313,6 +313,35 @@ class FailWhen(Operator):
 # --- sources -------------------------------------------------------------------------------------------
 
 
+_COUNT = ValueStateDescriptor[int](name="count", serializer=IntSerializer(), default=0)
+
+
+class KeyedCounter(Operator):
+    """Counts records of input 0 per key in value state ``count`` (input 1 only keeps the subtask alive),
+    logging event ``counted`` with the key; on open logs every ``[key, count]`` it restored, as ``restored``
+    (a list, so the event survives a JSON log such as the Ray tests' ``FileLog``)."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+
+    def _log(self, name: str, arg: Any) -> None:
+        self.log.add(Event(self.ctx.uid, self.ctx.subtask_index, self.ctx.attempt, name, arg))
+
+    async def open(self) -> None:
+        backend = self.ctx.keyed_backend
+        assert backend is not None
+        self.count = self.ctx.get_state(_COUNT)
+        for key in list(backend.keys("count")):
+            backend.set_current_key(key)
+            self._log("restored", [key, self.count.value()])
+        self._log("open", None)
+
+    def process(self, record: Any, input_index: int) -> None:
+        if input_index == 0:
+            self.count.update((self.count.value() or 0) + 1)
+            self._log("counted", self.ctx.current_key)
+
+
 class MixedSource(Source):
     """Splits with their own lengths (``None``: unbounded) and rates (records per second, ``None``: no limit;
     by default unbounded splits run at 200/s). Split ``i`` yields ``[first_split + i, n]`` for n = 0, 1, ...

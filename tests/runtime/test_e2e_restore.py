@@ -18,19 +18,16 @@ from keystate.runtime import (
     IncompatibleRestoreError,
     JobGraph,
     JobStatus,
-    Operator,
     submit,
 )
-from keystate.statebackend.serializers import IntSerializer
-from keystate.statebackend.state import ValueStateDescriptor
 from keystate.storage.checkpoints import CompletedCheckpoint
 from keystate.storage.format.metadata import OperatorStatus
 from tests.runtime.e2e_support import (
     BACKENDS,
     Completed,
     CountingSource,
-    Event,
     EventLog,
+    KeyedCounter,
     MixedSource,
     Recorder,
     RecordingFileSink,
@@ -136,34 +133,6 @@ def test_restore_after_some_tasks_finished(tmp_path: Path, backend: str) -> None
     violations = refused.value.report.violations
     assert [(v.rule, v.operator, v.predecessor) for v in violations] == [("finished-predecessor", "a-pass", "a-new")]
     assert "finished-predecessor" in str(refused.value)
-
-
-_COUNT = ValueStateDescriptor[int](name="count", serializer=IntSerializer(), default=0)
-
-
-class KeyedCounter(Operator):
-    """Counts records of input 0 per key; input 1 only keeps the subtask alive. On open, logs the
-    keyed state it restored (event ``restored`` with ``(key, count)``)."""
-
-    def __init__(self, log: EventLog) -> None:
-        self.log = log
-
-    def _log(self, name: str, arg: Any) -> None:
-        self.log.add(Event(self.ctx.uid, self.ctx.subtask_index, self.ctx.attempt, name, arg))
-
-    async def open(self) -> None:
-        backend = self.ctx.keyed_backend
-        assert backend is not None
-        self.count = self.ctx.get_state(_COUNT)
-        for key in list(backend.keys("count")):
-            backend.set_current_key(key)
-            self._log("restored", (key, self.count.value()))
-        self._log("open", None)
-
-    def process(self, record: Any, input_index: int) -> None:
-        if input_index == 0:
-            self.count.update((self.count.value() or 0) + 1)
-            self._log("counted", self.ctx.current_key)
 
 
 def _partial_keyed_job(log: EventLog, parallelism: int) -> JobGraph:

@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from keystate.runtime import JobConfig, Operator
-from keystate.statebackend.serializers import IntSerializer
-from keystate.statebackend.state import ValueStateDescriptor
 from keystate.storage.checkpoints import CompletedCheckpoint
 from tests.runtime.e2e_support import Event, EventLog, Flag, job_config
 
@@ -137,34 +135,6 @@ class PidRecorder(Operator):
 
     def process(self, record: Any, input_index: int) -> None:
         self.ctx.emit(record)
-
-
-_COUNT = ValueStateDescriptor[int](name="count", serializer=IntSerializer(), default=0)
-
-
-class KeyedCounter(Operator):
-    """Counts records of input 0 per key in value state ``count`` (input 1 only keeps the subtask alive),
-    logging event ``counted`` with the key; on open logs every ``(key, count)`` it restored, as ``restored``."""
-
-    def __init__(self, log: EventLog) -> None:
-        self.log = log
-
-    def _log(self, name: str, arg: Any) -> None:
-        self.log.add(Event(self.ctx.uid, self.ctx.subtask_index, self.ctx.attempt, name, arg))
-
-    async def open(self) -> None:
-        backend = self.ctx.keyed_backend
-        assert backend is not None
-        self.count = self.ctx.get_state(_COUNT)
-        for key in list(backend.keys("count")):
-            backend.set_current_key(key)
-            self._log("restored", [key, self.count.value()])
-        self._log("open", None)
-
-    def process(self, record: Any, input_index: int) -> None:
-        if input_index == 0:
-            self.count.update((self.count.value() or 0) + 1)
-            self._log("counted", self.ctx.current_key)
 
 
 def recorded_pid(directory: Path, uid: str, index: int, attempt: int, *, within: float = 60.0) -> int:

@@ -55,6 +55,7 @@ from tests.runtime.e2e_support import (
     EventLog,
     FailWhen,
     Flag,
+    KeyedCounter,
     MixedSource,
     Recorder,
     RecordingFileSink,
@@ -78,7 +79,7 @@ from tests.runtime.incremental_support import (
     keyed_handles,
     merged_values,
 )
-from tests.runtime.ray.support import CheckpointRoot, FileFlag, FileLog, KeyedCounter, config_on
+from tests.runtime.ray.support import CheckpointRoot, FileFlag, FileLog, config_on
 
 pytestmark = pytest.mark.timeout(300)  # on Ray every attempt starts a worker process per subtask
 
