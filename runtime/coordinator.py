@@ -457,10 +457,7 @@ class CheckpointCoordinator:
             listener(completed)
         if not pending.future.done():
             pending.future.set_result(completed)
-        if self._final_requested and not self._pending:
-            self._final_requested = False
-            if self._final_after is not None:
-                self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
+        self._start_requested_final()
 
     async def _resolve_unknown_commit(
         self, pending: PendingCheckpoint, metadata: CheckpointMetadata, error: CommitOutcomeUnknownError
@@ -499,12 +496,19 @@ class CheckpointCoordinator:
         if self._pending.pop(cid, None) is not None:
             if pending.timer is not None:
                 pending.timer.cancel()
-            if not pending.future.done():
-                pending.future.set_exception(CheckpointFailedError(CheckpointFailureReason.FINALIZE_CHECKPOINT_FAILURE,
-                                                                   message))  # fmt: skip
-                pending.future.exception()
+            pending.fail(CheckpointFailureReason.FINALIZE_CHECKPOINT_FAILURE, message)
         self._on_fatal(JobFailedError(message))
         return None
+
+    def _start_requested_final(self) -> bool:
+        """Trigger the final checkpoint requested while others were pending, once none is; whether the
+        request was taken (it is dropped when no final checkpoint is due any more)."""
+        if not (self._final_requested and not self._pending):
+            return False
+        self._final_requested = False
+        if self._final_after is not None:
+            self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
+        return True
 
     def _subsumed(self, pending: PendingCheckpoint, newer: int) -> None:
         """A committed checkpoint discarded because ``newer`` completed first: reported as failed."""
@@ -513,13 +517,8 @@ class CheckpointCoordinator:
         reason = CheckpointFailureReason.CHECKPOINT_SUBSUMED
         for listener in self.failure_listeners:
             listener(pending.checkpoint_id, reason, message)
-        if not pending.future.done():
-            pending.future.set_exception(CheckpointFailedError(reason, message))
-            pending.future.exception()  # retrieved: awaiting callers still get it
-        if self._final_requested and not self._pending:
-            self._final_requested = False
-            if self._final_after is not None:
-                self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
+        pending.fail(reason, message)
+        self._start_requested_final()
 
     def _abort(
         self, pending: PendingCheckpoint, reason: CheckpointFailureReason, message: str, *, notify: bool = True
@@ -540,21 +539,16 @@ class CheckpointCoordinator:
         self._spawn(asyncio.to_thread(abort_writer, pending.writer), f"abort-{pending.checkpoint_id}")
         for listener in self.failure_listeners:
             listener(pending.checkpoint_id, reason, message)
-        if not pending.future.done():
-            pending.future.set_exception(CheckpointFailedError(reason, message))
-            pending.future.exception()  # retrieved: awaiting callers still get it
+        pending.fail(reason, message)
         if reason.counted:
             self._failures += 1
             if self._failures > self.config.tolerable_failed_checkpoints:
                 self._on_fatal(
                     JobFailedError(f"Exceeded checkpoint tolerable failure threshold. Last failure: {message}")
                 )
-        if self._final_requested and not self._pending:
-            self._final_requested = False
-            if self._final_after is not None:
-                self._spawn(self._trigger_quietly(final=True), "final-checkpoint")
-        elif (
-            self._final_after is not None
+        if (
+            not self._start_requested_final()
+            and self._final_after is not None
             and reason is not CheckpointFailureReason.JOB_FAILOVER
             and not self._periodic_stopped
             and self._final_retry is None

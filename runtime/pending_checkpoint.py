@@ -14,7 +14,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from keystate.runtime import faults
-from keystate.runtime.checkpoint_protocol import PartialFinishingNotSupportedError, SubtaskSnapshot
+from keystate.runtime.checkpoint_protocol import (
+    CheckpointFailureReason,
+    PartialFinishingNotSupportedError,
+    SubtaskSnapshot,
+)
+from keystate.runtime.errors import CheckpointFailedError
 from keystate.runtime.events import CheckpointOptions
 from keystate.runtime.plan import CheckpointPlan, SubtaskId
 from keystate.storage.checkpoints import CheckpointWriter, CompletedCheckpoint
@@ -58,6 +63,13 @@ class PendingCheckpoint:
     timer: asyncio.TimerHandle | None = None
     finalizing: bool = False
     started: float = field(default_factory=time.monotonic)
+
+    def fail(self, reason: CheckpointFailureReason, message: str) -> None:
+        """Fail the future (if nobody settled it yet) and mark its exception retrieved: callers awaiting it
+        still get it, and asyncio does not log it as never retrieved."""
+        if not self.future.done():
+            self.future.set_exception(CheckpointFailedError(reason, message))
+            self.future.exception()
 
 
 def build_metadata(job_id: str, topology: Topology, pending: PendingCheckpoint) -> CheckpointMetadata:
