@@ -35,7 +35,7 @@ from keystate.storage.errors import (
     StorageUnavailableError,
 )
 
-__all__ = ["TIMEOUT_ENV", "make_s3_client", "raise_storage_error", "s3_timeout_from_env"]
+__all__ = ["TIMEOUT_ENV", "backoff_delay", "make_s3_client", "raise_storage_error", "s3_timeout_from_env"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,14 @@ def s3_timeout_from_env() -> float | None:
     return value
 
 
+def backoff_delay(attempts: int, throttled: bool) -> float:
+    """Seconds to wait before the retry after attempt ``attempts`` (1-based), as botocore's ``standard``
+    mode computes them: full jitter over a base of 1 s when throttled, else 50 ms, doubling per attempt,
+    at most 20 s. (Tests replace it to record the delays without sleeping them.)"""
+    base = 1.0 if throttled else 0.05
+    return random.random() * min(base * 2.0 ** (attempts - 1), 20.0)
+
+
 class _RetryWatch:
     """botocore event handlers that bound and report the retries of one client's requests.
 
@@ -144,9 +152,9 @@ class _RetryWatch:
             return None  # not ours to decide: botocore's standard mode does
         context = request_dict.get("context", {})
         elapsed = time.monotonic() - context.get("keystate_started", time.monotonic())
-        base = 1.0 if throttled else 0.05
-        delay = random.random() * min(base * 2.0 ** (attempts - 1), 20.0)
-        if attempts >= self.max_attempts or (self.deadline is not None and self.deadline - elapsed <= delay):
+        spent = attempts >= self.max_attempts
+        delay = 0.0 if spent else backoff_delay(attempts, throttled)
+        if spent or (self.deadline is not None and self.deadline - elapsed <= delay):
             # Out of attempts, or the next one would start after the deadline: give up. The error
             # message says how long the request was retried (S3ObjectStore.fail reads this).
             if caught_exception is not None:

@@ -8,8 +8,11 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.retries.standard import ExponentialBackoff
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
+
+from keystate.storage import _s3_client
 
 BUCKET = "keystate-test"
 
@@ -53,3 +56,21 @@ def server_bucket(moto_endpoint: str) -> str:
     name = f"ks-{uuid.uuid4().hex[:20]}"
     boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def s3_backoffs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The delays keystate's S3 client computes before its retries, recorded; the sleeps themselves are
+    skipped (throttling backoff starts at up to 1 s and doubles: a test of a persistent outage would wait
+    a minute). botocore's own standard-mode backoff, which keystate's retry decision overrides for the
+    errors it retries, is zeroed too."""
+    delays: list[float] = []
+    compute = _s3_client.backoff_delay
+
+    def record(attempts: int, throttled: bool) -> float:
+        delays.append(compute(attempts, throttled))
+        return 0.0
+
+    monkeypatch.setattr(_s3_client, "backoff_delay", record)
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+    return delays

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botocore.retries.standard import ExponentialBackoff
 
 from keystate.runtime import (
     CheckpointFailureReason,
@@ -81,12 +80,6 @@ def _disarmed() -> Iterator[None]:
     faults.disarm()
     yield
     faults.disarm()
-
-
-@pytest.fixture
-def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """botocore's retries without their sleeps (throttling backoff starts at up to 1 s)."""
-    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
 
 
 def graph(out: Path, release: Flag | None = None) -> JobGraph:
@@ -326,7 +319,7 @@ def s3_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
     return [o.key for o in store.list_objects(prefix)]
 
 
-@pytest.mark.usefixtures("no_backoff")
+@pytest.mark.usefixtures("s3_backoffs")
 def test_s3_transient_failures_are_retried_by_botocore(tmp_path: Path, moto_endpoint: str, server_bucket: str) -> None:
     injector, wrap = s3_faults(
         S3FaultRule(Fault.THROTTLE, "PutObject", key="*.ksf", times=6),
@@ -345,7 +338,7 @@ def test_s3_transient_failures_are_retried_by_botocore(tmp_path: Path, moto_endp
     assert_output(tmp_path / "out")
 
 
-@pytest.mark.usefixtures("no_backoff")
+@pytest.mark.usefixtures("s3_backoffs")
 def test_s3_persistent_failure_aborts_one_checkpoint(tmp_path: Path, moto_endpoint: str, server_bucket: str) -> None:
     _, wrap = s3_faults(S3FaultRule(Fault.THROTTLE, "PutObject", key="*/chk-3/_metadata"))
     root = f"s3://{server_bucket}/ckpt"
@@ -435,7 +428,7 @@ def test_two_jobs_with_one_job_id_commit_each_checkpoint_id_once(
     tmp_path: Path, where: str, moto_endpoint: str, server_bucket: str, request: pytest.FixtureRequest
 ) -> None:
     if where == "s3":
-        request.getfixturevalue("no_backoff")
+        request.getfixturevalue("s3_backoffs")
     root = str(tmp_path / "ckpt") if where == "local" else f"s3://{server_bucket}/ckpt"
     endpoint = moto_endpoint if where == "s3" else None
     # Both coordinators write checkpoint 1's _metadata at the same moment.

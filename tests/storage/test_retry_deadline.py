@@ -24,7 +24,7 @@ from keystate.storage import (
     StorageUnavailableError,
     make_s3_client,
 )
-from keystate.storage._s3_client import _RetryWatch, s3_timeout_from_env
+from keystate.storage._s3_client import _RetryWatch, backoff_delay, s3_timeout_from_env
 
 
 def closed_port() -> int:
@@ -116,3 +116,14 @@ def test_one_outage_is_reported_once_and_a_success_ends_it(caplog: pytest.LogCap
         assert watch.needs_retry(ok, None, 1, None, request) is None
         assert isinstance(watch.needs_retry(None, None, 1, refused, request), float)
     assert len(warnings_of(caplog, "keystate.storage._s3_client")) == 2, "two outages, one line each"
+
+
+def test_the_backoff_is_full_jitter_doubling_from_its_base_up_to_20_seconds() -> None:
+    # botocore's standard mode: base 1 s when throttled, 50 ms otherwise, doubling, at most 20 s.
+    for attempts in range(1, 12):
+        for throttled, base in ((True, 1.0), (False, 0.05)):
+            cap = min(base * 2.0 ** (attempts - 1), 20.0)
+            delays = [backoff_delay(attempts, throttled) for _ in range(200)]
+            assert all(0 <= d <= cap for d in delays), (attempts, throttled)
+            assert max(delays) > cap / 2, f"jittered over the whole range up to {cap} s"
+            assert len(set(delays)) > 100, "jittered, not constant"

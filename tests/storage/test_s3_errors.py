@@ -18,7 +18,6 @@ import boto3
 import botocore.exceptions
 import pytest
 from botocore.awsrequest import AWSResponse
-from botocore.retries.standard import ExponentialBackoff
 
 from keystate.storage import (
     AlreadyExistsError,
@@ -57,21 +56,6 @@ def Injector(
     ``key_suffix``: only requests whose URL path ends with it; ``delay``: seconds before answering.
     """
     return S3FaultInjector([S3FaultRule(status=status, code=code, times=times, key=f"*{key_suffix}", delay=delay)])
-
-
-@pytest.fixture
-def backoffs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Delays botocore's standard retry mode computes between attempts; the sleeps themselves are
-    skipped (throttling backoff starts at up to 1 s and doubles, far too slow for a unit test)."""
-    delays: list[float] = []
-    original = ExponentialBackoff.delay_amount
-
-    def record(self: Any, context: Any) -> float:
-        delays.append(original(self, context))
-        return 0.0
-
-    monkeypatch.setattr(ExponentialBackoff, "delay_amount", record)
-    return delays
 
 
 def header(request: Any, name: str) -> str | None:
@@ -272,7 +256,7 @@ THROTTLED_CALLS: dict[str, tuple[str, Callable[[S3ObjectStore], object]]] = {
 
 @pytest.mark.parametrize("name", THROTTLED_CALLS)
 def test_throttling_is_retried_until_it_succeeds(
-    moto_endpoint: str, server_bucket: str, backoffs: list[float], name: str
+    moto_endpoint: str, server_bucket: str, s3_backoffs: list[float], name: str
 ) -> None:
     store = server_store(moto_endpoint, server_bucket)
     store.put("existing", b"there")
@@ -281,8 +265,9 @@ def test_throttling_is_retried_until_it_succeeds(
     store.client.meta.events.register(f"before-send.s3.{operation}", slow_down)
     call(store)
     assert len(slow_down.attempts) == 4, "three throttled attempts, then the one that reached the server"
-    assert len(backoffs) == 3, "botocore backed off before every retry"
-    assert all(d >= 0 for d in backoffs)
+    assert len(s3_backoffs) == 3, "the client backed off before every retry"
+    # Throttling: full jitter under 1 s, 2 s, 4 s (botocore's standard mode).
+    assert all(0 <= d <= 2.0**i for i, d in enumerate(s3_backoffs)), s3_backoffs
     if name == "put":
         assert store.get("k") == b"v"
 
@@ -297,7 +282,7 @@ def test_throttling_is_retried_until_it_succeeds(
     ],
 )
 def test_persistent_server_errors_are_storage_unavailable(
-    moto_endpoint: str, server_bucket: str, backoffs: list[float], status: int, code: str, name: str
+    moto_endpoint: str, server_bucket: str, s3_backoffs: list[float], status: int, code: str, name: str
 ) -> None:
     store = server_store(moto_endpoint, server_bucket, max_attempts=3)
     store.put("existing", b"there")
@@ -310,7 +295,7 @@ def test_persistent_server_errors_are_storage_unavailable(
     assert code in str(info.value)
     assert "try again later" in str(info.value)
     assert len(failing.attempts) == 3, "exactly max_attempts attempts in total"
-    assert len(backoffs) == 2
+    assert len(s3_backoffs) == 2
     if name == "put":
         assert not server_store(moto_endpoint, server_bucket).exists("k")
 
@@ -416,7 +401,7 @@ def commit_storage(endpoint: str, bucket: str, **client_options: Any) -> Checkpo
 
 
 def test_retried_metadata_put_that_landed_is_a_successful_commit(
-    moto_endpoint: str, server_bucket: str, backoffs: list[float]
+    moto_endpoint: str, server_bucket: str, s3_backoffs: list[float]
 ) -> None:
     storage = commit_storage(moto_endpoint, server_bucket)
     metadata = small_metadata(1)
@@ -440,7 +425,7 @@ def test_retried_metadata_put_that_landed_is_a_successful_commit(
 
 
 def test_metadata_put_that_failed_is_commit_failed(
-    moto_endpoint: str, server_bucket: str, backoffs: list[float]
+    moto_endpoint: str, server_bucket: str, s3_backoffs: list[float]
 ) -> None:
     storage = commit_storage(moto_endpoint, server_bucket, max_attempts=2)
     assert isinstance(storage.store, S3ObjectStore)
@@ -452,7 +437,7 @@ def test_metadata_put_that_failed_is_commit_failed(
 
 
 def test_commit_whose_outcome_cannot_be_read_back_is_unknown(
-    moto_endpoint: str, server_bucket: str, backoffs: list[float]
+    moto_endpoint: str, server_bucket: str, s3_backoffs: list[float]
 ) -> None:
     storage = commit_storage(moto_endpoint, server_bucket, max_attempts=2)
     assert isinstance(storage.store, S3ObjectStore)
@@ -489,7 +474,7 @@ def test_service_specific_endpoint_wins_over_the_global_one(
 
 
 def test_explicit_endpoint_overrides_the_environment(
-    monkeypatch: pytest.MonkeyPatch, moto_endpoint: str, server_bucket: str, backoffs: list[float]
+    monkeypatch: pytest.MonkeyPatch, moto_endpoint: str, server_bucket: str, s3_backoffs: list[float]
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     storage = open_storage(f"s3://{server_bucket}/prefix", endpoint_url=moto_endpoint)
@@ -504,4 +489,4 @@ def test_explicit_endpoint_overrides_the_environment(
     with pytest.raises(StorageUnavailableError, match=r"127\.0\.0\.1:1"):
         from_env.store.get("prefix/x")
     assert len(attempts) == 10
-    assert len(backoffs) == 9
+    assert len(s3_backoffs) == 9
