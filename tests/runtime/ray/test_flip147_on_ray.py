@@ -318,7 +318,10 @@ def test_stop_with_savepoint_drain_commits_everything(
     completed = Completed()
 
     async def scenario() -> tuple[CompletedCheckpoint, CompletedCheckpoint, JobStatus]:
-        client = submit(_stop_job(out, log, [None, None]), _config(executor, tmp_path, checkpoints, interval=0.05))
+        # Retained until the end: the test reads ``incremental`` after the job ended, and by then a re-base
+        # (after 3 deltas) could have subsumed it and deleted its shared files.
+        config = _config(executor, tmp_path, checkpoints, interval=0.05, num_retained=20)
+        client = submit(_stop_job(out, log, [None, None]), config)
         completed.watch(client)
         incremental = await completed.until(lambda c: has_deltas(c, "counts"), within=WITHIN)
         savepoint = await client.stop_with_savepoint(drain=True)
