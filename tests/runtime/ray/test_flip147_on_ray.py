@@ -362,8 +362,8 @@ def test_stop_without_drain_then_resume_exactly_where_stopped(
     config = _config(executor, tmp_path, checkpoints, interval=0.05)
 
     async def first_run() -> tuple[CompletedCheckpoint, CompletedCheckpoint]:
-        # 3 s of input at this rate: the job is stopped well before its end.
-        client = submit(_stop_job(out, log, list(LENGTHS), rate=200.0), config)
+        # 12 s of input at this rate: the job is stopped well before its end, even on a loaded machine.
+        client = submit(_stop_job(out, log, list(LENGTHS), rate=50.0), config)
         completed.watch(client)
         await wait_for(lambda: sum(e.name == "process" for e in log.of("sink")) > 60, within=WITHIN, what="output")
         incremental = await completed.until(lambda c: has_deltas(c, "counts"), within=WITHIN)
